@@ -1,0 +1,127 @@
+"""The protocol roles of skyproto, as zope.interface definitions.
+
+Each role is implemented with ``@implementer`` and checked with ``verifyObject`` in the
+tests. The lower layers (session, harbor link, mapper) know only these interfaces, never
+the classes above them, so a node, a test double or a benchmark can stand behind any of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zope.interface import Attribute, Interface
+
+
+class ISessionTable(Interface):
+    """31-bit session ids mapped to pending Deferreds (skynet's session layer)."""
+
+    pending = Attribute("The number of calls still waiting for their reply.")
+
+    def new(timeout: float | None = None, harbor: int = 0) -> tuple[int, Any]:
+        """Allocate a session id and its Deferred; ``harbor`` tags it for ``fail_all``."""
+
+    def resolve(session: int, value: object) -> bool:
+        """Fire the call's Deferred with ``value``; an unknown id is logged, returns False."""
+
+    def fail(session: int, reason: BaseException) -> bool:
+        """Errback the call's Deferred; an unknown id is logged, returns False."""
+
+    def fail_all(reason: BaseException, harbor: int | None = None) -> int:
+        """Errback every pending call (or only those tagged ``harbor``); return how many."""
+
+
+class IMessageSink(Interface):
+    """What a harbor link delivers to: the node's router (or a benchmark, or a test)."""
+
+    def link_up(link: IHarborLink) -> None:
+        """The link finished its handshake and can carry data."""
+
+    def link_down(link: IHarborLink, reason: BaseException) -> None:
+        """The link is gone (closed, cut, silent for too long, or replaced)."""
+
+    def data_received(
+        link: IHarborLink, source: int, destination: int, session: int, ptype: int, payload: Any
+    ) -> None:
+        """One data message arrived on ``link``; ``session`` is signed as on the wire."""
+
+
+class IHarborLink(Interface):
+    """One authenticated connection between two nodes, carrying data and heartbeats."""
+
+    local_harbor = Attribute("Our harbor id.")
+    peer_harbor = Attribute("The peer's harbor id, once the handshake is done (else 0).")
+    peer_incarnation = Attribute("The peer's incarnation, once the handshake is done.")
+    up = Attribute("True from the end of the handshake until the link is lost.")
+
+    def send_data(source: int, destination: int, session: int, ptype: int, payload: Any) -> None:
+        """Send one data message; raises FrameTooLarge (nothing sent) if it is too big."""
+
+    def close(reason: str) -> None:
+        """Drop the link, logging ``reason``."""
+
+
+class IRegistry(Interface):
+    """The master's state: harbor id -> node, global name -> handle. Pure: no I/O.
+
+    Every mutating method returns the change events it caused (each with the new
+    sequence number) so the protocol layer can push them; a persistent or consensus-backed
+    store implements the same interface.
+    """
+
+    sequence = Attribute("The sequence number of the last change.")
+
+    def snapshot() -> Any:
+        """The whole table and its sequence number."""
+
+
+class IMasterService(Interface):
+    """The master's side of the name service: accepts nodes, answers hellos, pushes changes."""
+
+    registry = Attribute("The IRegistry holding the state.")
+
+    def connected() -> int:
+        """How many authenticated nodes are connected."""
+
+
+class IMasterClient(Interface):
+    """A node's side of the name service: a cached table and name operations."""
+
+    def register_name(name: str, handle: int) -> Any:
+        """Deferred that fires when the master accepted ``name``; errbacks on conflict."""
+
+    def unregister_name(name: str) -> Any:
+        """Deferred that fires when the master removed ``name``."""
+
+    def lookup_name(name: str) -> Any:
+        """Deferred of the handle for ``name`` (cache first, then the master), or None."""
+
+
+class IPortMapper(Interface):
+    """The epmd-style name table of one host: node name -> port. Pure: no I/O."""
+
+    def register(
+        name: str, port: int, node_type: int, protocol: int, high: int, low: int, extra: bytes
+    ) -> Any:
+        """Add a live registration and return it (with its creation); None if refused."""
+
+    def unregister(name: str) -> bool:
+        """Remove a live registration (its connection closed); False if there was none."""
+
+    def lookup(name: str) -> Any:
+        """The live registration of ``name``, or None."""
+
+    def names() -> list[Any]:
+        """Every live registration, newest first (as real epmd lists them)."""
+
+
+class IMapperClient(Interface):
+    """Talks EPMD to a mapper (ours or a genuine epmd)."""
+
+    def register(name: str, port: int, extra: bytes = b"") -> Any:
+        """Deferred of the creation; the registration lives while the connection does."""
+
+    def port_please(name: str) -> Any:
+        """Deferred of the registration for ``name``, or None if it is not registered."""
+
+    def names() -> Any:
+        """Deferred of the (name, port) pairs the mapper lists."""

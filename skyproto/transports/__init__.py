@@ -1,0 +1,1 @@
+"""Transports: Twisted endpoints (tcp:, unix:, ssl:, and our in-memory loopback:)."""
