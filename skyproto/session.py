@@ -1,0 +1,133 @@
+"""The session layer: 31-bit session ids mapped to pending Deferreds.
+
+skynet keeps a counter per service and parks a coroutine on each id; we park a Deferred.
+Ids run from 1 to 2**31-1 and wrap, skipping ids still pending; 0 means "no reply wanted".
+On the wire a request carries its id negated and the reply carries it positive (see
+docs/wire-format.md). Every operation is O(1) except ``fail_all``, which is O(calls failed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .errors import CallTimeout
+from .interfaces import ISessionTable
+
+SESSION_MAX: Final = 2**31 - 1
+
+
+class _Pending:
+    """One call waiting for its reply: small and fixed-size."""
+
+    __slots__ = ("deferred", "harbor", "timer")
+
+    def __init__(self, deferred: Deferred[Any], harbor: int) -> None:
+        self.deferred = deferred
+        self.harbor = harbor
+        self.timer: IDelayedCall | None = None
+
+
+@implementer(ISessionTable)
+class SessionTable:
+    """Allocates session ids, times calls out on ``clock``, and resolves them by id."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        default_timeout: float | None = None,
+        id_limit: int = SESSION_MAX,
+    ) -> None:
+        self.clock = clock
+        self.default_timeout = default_timeout
+        self.id_limit = id_limit
+        self._pending: dict[int, _Pending] = {}
+        self._by_harbor: dict[int, set[int]] = {}
+        self._next = 1
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, session: int) -> bool:
+        return session in self._pending
+
+    def new(self, timeout: float | None = None, harbor: int = 0) -> tuple[int, Deferred[Any]]:
+        """A fresh session id and the Deferred its reply will fire.
+
+        ``timeout`` (else the table's default; None or 0 for none) errbacks the Deferred
+        with CallTimeout. Cancelling the Deferred frees the id. ``harbor`` tags the call so
+        that ``fail_all(reason, harbor)`` finds it.
+        """
+        pending = self._pending
+        limit = self.id_limit
+        if len(pending) >= limit:
+            raise RuntimeError("every session id is in use")
+        session = self._next
+        while session in pending:
+            session = session + 1 if session < limit else 1
+        self._next = session + 1 if session < limit else 1
+
+        deferred: Deferred[Any] = Deferred(lambda _: self._cancel(session))
+        entry = _Pending(deferred, harbor)
+        pending[session] = entry
+        if harbor:
+            self._by_harbor.setdefault(harbor, set()).add(session)
+        if timeout is None:
+            timeout = self.default_timeout
+        if timeout:
+            entry.timer = self.clock.callLater(timeout, self._expire, session, timeout)
+        return session, deferred
+
+    def resolve(self, session: int, value: object) -> bool:
+        entry = self._forget(session)
+        if entry is None:
+            self.log.info("dropping reply to unknown or expired session {session}",
+                          session=session)
+            return False
+        entry.deferred.callback(value)
+        return True
+
+    def fail(self, session: int, reason: BaseException) -> bool:
+        entry = self._forget(session)
+        if entry is None:
+            self.log.info("dropping error reply to unknown or expired session {session}",
+                          session=session)
+            return False
+        entry.deferred.errback(reason)
+        return True
+
+    def fail_all(self, reason: BaseException, harbor: int | None = None) -> int:
+        chosen = self._pending if harbor is None else self._by_harbor.get(harbor, ())
+        sessions = list(chosen)
+        for session in sessions:
+            self.fail(session, reason)
+        return len(sessions)
+
+    def _expire(self, session: int, timeout: float) -> None:
+        entry = self._pending.get(session)
+        if entry is not None:
+            entry.timer = None  # it has fired: nothing to cancel
+            self.fail(session, CallTimeout(f"no reply within {timeout:g} s (session {session})"))
+
+    def _cancel(self, session: int) -> None:
+        self._forget(session)
+
+    def _forget(self, session: int) -> _Pending | None:
+        entry = self._pending.pop(session, None)
+        if entry is None:
+            return None
+        if entry.timer is not None:
+            entry.timer.cancel()
+        if entry.harbor:
+            tagged = self._by_harbor[entry.harbor]
+            tagged.discard(session)
+            if not tagged:
+                del self._by_harbor[entry.harbor]
+        return entry

@@ -1,0 +1,279 @@
+"""The CBOR codec for control messages and the fixed binary header of data messages.
+
+Control messages are frozen attrs classes registered with a :class:`MessageCodec` under a
+small integer code; one is encoded as the CBOR array ``[code, field1, field2, ...]`` in
+attrs field order. Decoding is strict: anything but exactly a registered message with every
+field of the declared type (no tags, no trailing bytes, bounded nesting) raises
+:class:`ProtocolError` and nothing else.
+
+Data messages skip that machinery: a 14-byte header (kind, source, destination, signed
+session, type) is packed with ``struct`` and only the payload is CBOR.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import struct
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+import attrs
+import cbor2
+
+from ..errors import ProtocolError
+
+MAX_DEPTH: Final = 32
+
+# cbor2 decodes these tags into Python objects on its own; none of them is requested by
+# any skyproto message, so each is switched off (None) and the tag hook refuses the rest.
+_BUILTIN_TAGS: Final = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258,
+                        260, 261, 1004, 55799)
+_NO_SEMANTIC_TAGS: Final[dict[int, Any]] = dict.fromkeys(_BUILTIN_TAGS)
+
+
+def _refuse_tag(tag: cbor2.CBORTag, immutable: bool) -> object:
+    raise ProtocolError(f"unrequested CBOR tag {tag.tag}")
+
+
+def decode_cbor(data: bytes, max_depth: int = MAX_DEPTH, text_keys_only: bool = True) -> Any:
+    """Decode exactly one CBOR item of plain types; anything else is a ProtocolError.
+
+    Control messages take only text/byte map keys (no hash-collision games); user payloads
+    (``text_keys_only=False``) may use any hashable key, as skynet's Lua tables do.
+    """
+    stream = io.BytesIO(data)
+    try:
+        decoder = cbor2.CBORDecoder(
+            stream,
+            tag_hook=_refuse_tag,
+            semantic_decoders=_NO_SEMANTIC_TAGS,
+            max_depth=max_depth,
+            allow_duplicate_keys=False,
+            strict_hashable_types=text_keys_only,
+        )
+        value = decoder.decode()
+    except ProtocolError:
+        raise
+    except Exception as e:  # cbor2 raises several types (and RecursionError); all mean bad input
+        raise ProtocolError(f"malformed CBOR: {e}") from None
+    if stream.tell() != len(data):
+        raise ProtocolError(f"{len(data) - stream.tell()} trailing bytes after the CBOR item")
+    return value
+
+
+def encode_cbor(value: object) -> bytes:
+    """Encode a plain value; a value CBOR cannot carry raises TypeError."""
+    try:
+        return cbor2.dumps(value)
+    except cbor2.CBOREncodeError as e:
+        raise TypeError(f"cannot encode {type(value).__name__} as CBOR: {e}") from None
+
+
+# --- type checking of decoded fields -------------------------------------------------------
+
+Checker = Callable[[Any], Any]
+
+
+def _exact(kind: type) -> Checker:
+    def check(value: Any) -> Any:
+        if type(value) is not kind:
+            raise ProtocolError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    return check
+
+
+def _float(value: Any) -> float:
+    if type(value) is float:
+        return value
+    if type(value) is int:
+        return float(value)
+    raise ProtocolError(f"expected float, got {type(value).__name__}")
+
+
+def _any(value: Any) -> Any:
+    return value
+
+
+def _checker_for(tp: Any, structs: dict[type, Checker]) -> Checker:
+    """Build the function that checks (and converts) a decoded value of type ``tp``."""
+    if tp is Any or tp is object:
+        return _any
+    if tp is float:
+        return _float
+    if tp in (int, str, bytes, bool, type(None)):
+        return _exact(tp)
+    if isinstance(tp, type) and issubclass(tp, enum.IntEnum):
+        enum_type = tp
+
+        def check_enum(value: Any) -> Any:
+            if type(value) is not int:
+                raise ProtocolError(f"expected {enum_type.__name__}, got {type(value).__name__}")
+            try:
+                return enum_type(value)
+            except ValueError:
+                raise ProtocolError(f"{value} is not a {enum_type.__name__}") from None
+
+        return check_enum
+    if isinstance(tp, type) and attrs.has(tp):
+        if tp not in structs:
+            structs[tp] = _struct_checker(tp, structs)
+        return lambda value: structs[tp](value)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [_checker_for(a, structs) for a in args]
+
+        def check_union(value: Any) -> Any:
+            for option in options:
+                try:
+                    return option(value)
+                except ProtocolError:
+                    continue
+            raise ProtocolError(f"{type(value).__name__} matches none of {tp}")
+
+        return check_union
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item = _checker_for(args[0], structs)
+
+        def check_tuple(value: Any) -> Any:
+            if type(value) is not list:
+                raise ProtocolError(f"expected an array, got {type(value).__name__}")
+            return tuple(item(v) for v in value)
+
+        return check_tuple
+    if origin is dict:
+        key, val = (_checker_for(a, structs) for a in args)
+
+        def check_dict(value: Any) -> Any:
+            if type(value) is not dict:
+                raise ProtocolError(f"expected a map, got {type(value).__name__}")
+            return {key(k): val(v) for k, v in value.items()}
+
+        return check_dict
+    raise TypeError(f"skyproto messages cannot carry fields of type {tp!r}")
+
+
+def _struct_checker(cls: type, structs: dict[type, Checker]) -> Checker:
+    """A nested attrs class travels as the array of its fields."""
+    fields = attrs.fields(attrs.resolve_types(cls))
+    checkers: list[Checker] = []
+    structs[cls] = lambda value: build(value)  # allows recursive types
+    checkers.extend(_checker_for(f.type, structs) for f in fields)
+    names = [f.name for f in fields]
+
+    def build(value: Any) -> Any:
+        if type(value) is not list or len(value) != len(checkers):
+            raise ProtocolError(f"{cls.__name__} must be an array of {len(checkers)} fields")
+        try:
+            return cls(**{n: c(v) for n, c, v in zip(names, checkers, value, strict=True)})
+        except ProtocolError:
+            raise
+        except (TypeError, ValueError) as e:  # an attrs validator refused the value
+            raise ProtocolError(f"invalid {cls.__name__}: {e}") from None
+
+    return build
+
+
+def _to_plain(value: Any) -> Any:
+    """Turn nested attrs instances into arrays and enums into ints, for encoding."""
+    if attrs.has(type(value)):
+        return [_to_plain(getattr(value, f.name)) for f in attrs.fields(type(value))]
+    if isinstance(value, enum.IntEnum):
+        return int(value)
+    if isinstance(value, tuple | list):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {_to_plain(k): _to_plain(v) for k, v in value.items()}
+    return value
+
+
+M = TypeVar("M")
+
+
+@attrs.define
+class MessageCodec:
+    """A registry of control messages for one protocol, and their strict codec."""
+
+    name: str
+    _by_code: dict[int, tuple[type, Checker]] = attrs.field(factory=dict, init=False)
+    _by_type: dict[type, int] = attrs.field(factory=dict, init=False)
+    _structs: dict[type, Checker] = attrs.field(factory=dict, init=False)
+
+    def message(self, code: int) -> Callable[[type[M]], type[M]]:
+        """Class decorator registering an attrs class under ``code``."""
+
+        def register(cls: type[M]) -> type[M]:
+            if code in self._by_code:
+                raise ValueError(f"{self.name}: message code {code} is taken")
+            self._by_code[code] = (cls, _struct_checker(cls, self._structs))
+            self._by_type[cls] = code
+            return cls
+
+        return register
+
+    def encode(self, message: object) -> bytes:
+        """The CBOR bytes of a registered message."""
+        code = self._by_type.get(type(message))
+        if code is None:
+            raise TypeError(f"{type(message).__name__} is not a {self.name} message")
+        return encode_cbor([code, *_to_plain(message)])
+
+    def decode(self, data: bytes) -> Any:
+        """Decode one message, checking every field; anything else is a ProtocolError."""
+        item = decode_cbor(data)
+        if type(item) is not list or not item or type(item[0]) is not int:
+            raise ProtocolError(f"a {self.name} message is an array starting with its code")
+        entry = self._by_code.get(item[0])
+        if entry is None:
+            raise ProtocolError(f"unknown {self.name} message code {item[0]}")
+        return entry[1](item[1:])
+
+
+# --- the data path ----------------------------------------------------------------------
+
+class FrameKind(enum.IntEnum):
+    """The first byte of every harbor frame."""
+
+    CONTROL = 0  #: a CBOR control message follows (handshake, heartbeat, ...)
+    DATA = 1  #: a data header and a CBOR payload follow
+
+
+class PayloadType(enum.IntEnum):
+    """The ``type`` byte of a data message: how to read its payload."""
+
+    NORMAL = 0  #: a request, a one-way message or a successful reply
+    ERROR = 1  #: a failed reply: [error kind, exception type, message]
+
+
+#: kind:u8 | source:u32 | destination:u32 | session:i32 | type:u8, big-endian
+DATA_HEADER: Final = struct.Struct(">BIIiB")
+_PACK_WITH_LENGTH: Final = struct.Struct(">IBIIiB")
+SESSION_MAX: Final = 2**31 - 1
+
+
+def decode_payload(data: bytes) -> Any:
+    """A data message's payload: strict CBOR, any hashable map keys."""
+    return decode_cbor(data, text_keys_only=False)
+
+
+def encode_data_frame(
+    source: int, destination: int, session: int, ptype: int, payload: bytes
+) -> bytes:
+    """The whole data frame *with* its 4-byte length prefix, in one allocation."""
+    return _PACK_WITH_LENGTH.pack(
+        DATA_HEADER.size + len(payload), FrameKind.DATA, source, destination, session, ptype
+    ) + payload
+
+
+def decode_data_frame(frame: bytes) -> tuple[int, int, int, int, Any]:
+    """(source, destination, session, type, payload) of a DATA frame (prefix removed)."""
+    if len(frame) < DATA_HEADER.size:
+        raise ProtocolError(f"data frame of {len(frame)} bytes is shorter than its header")
+    _, source, destination, session, ptype = DATA_HEADER.unpack_from(frame)
+    if session == -(2**31):
+        raise ProtocolError("session -2**31 is out of range")
+    return source, destination, session, ptype, decode_payload(frame[DATA_HEADER.size:])

@@ -1,0 +1,155 @@
+"""The session table, driven directly with a Clock."""
+
+import pytest
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
+from zope.interface.verify import verifyObject
+
+from skyproto.errors import CallTimeout, HarborDown
+from skyproto.interfaces import ISessionTable
+from skyproto.session import SESSION_MAX, SessionTable
+
+
+def outcome(d):
+    results = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def test_provides_interface():
+    assert verifyObject(ISessionTable, SessionTable(Clock()))
+
+
+def test_ids_start_at_one_and_resolve():
+    table = SessionTable(Clock())
+    s1, d1 = table.new()
+    s2, d2 = table.new()
+    assert (s1, s2) == (1, 2)
+    assert table.pending == 2
+    assert table.resolve(s2, "two")
+    assert outcome(d2) == "two"
+    assert not d1.called
+    assert table.pending == 1
+
+
+def test_fail_by_id():
+    table = SessionTable(Clock())
+    s, d = table.new()
+    assert table.fail(s, HarborDown("gone"))
+    assert outcome(d).check(HarborDown)
+    assert table.pending == 0
+
+
+def test_unknown_or_late_ids_are_logged_and_dropped():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        table = SessionTable(Clock())
+        assert not table.resolve(12345, "x")
+        assert not table.fail(12345, ValueError())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e["session"] for e in events if "session" in e] == [12345, 12345]
+    assert all(e["log_level"] == LogLevel.info for e in events if "session" in e)
+
+
+def test_default_id_range_is_31_bits():
+    assert SessionTable(Clock()).id_limit == SESSION_MAX == 2**31 - 1
+
+
+def test_wrap_around_skips_pending_ids():
+    table = SessionTable(Clock())
+    s1, _ = table.new()
+    table._next = SESSION_MAX
+    last, _ = table.new()
+    assert last == SESSION_MAX
+    wrapped, _ = table.new()
+    assert s1 == 1 and wrapped == 2  # 1 is still pending, so it is skipped
+    table.resolve(s1, None)
+    table._next = SESSION_MAX
+    with_free_one, _ = table.new()
+    assert with_free_one == 1  # SESSION_MAX is pending, 1 is free again
+
+
+def test_timeout_frees_the_id_and_late_reply_is_dropped():
+    clock = Clock()
+    table = SessionTable(clock, default_timeout=5)
+    s, d = table.new()
+    clock.advance(4.9)
+    assert not d.called
+    clock.advance(0.2)
+    failure = outcome(d)
+    assert failure.check(CallTimeout)
+    assert "5 s" in str(failure.value)
+    assert table.pending == 0
+    assert not table.resolve(s, "late")
+
+
+def test_per_call_timeout_overrides_default():
+    clock = Clock()
+    table = SessionTable(clock, default_timeout=60)
+    _, d = table.new(timeout=1)
+    clock.advance(1)
+    assert outcome(d).check(CallTimeout)
+
+
+def test_no_timeout_means_no_timer():
+    clock = Clock()
+    table = SessionTable(clock)
+    table.new()
+    assert clock.getDelayedCalls() == []
+
+
+def test_resolving_cancels_the_timer():
+    clock = Clock()
+    table = SessionTable(clock, default_timeout=5)
+    s, _ = table.new()
+    table.resolve(s, 1)
+    assert clock.getDelayedCalls() == []
+
+
+def test_cancel_frees_the_id_and_the_timer():
+    clock = Clock()
+    table = SessionTable(clock, default_timeout=5)
+    s, d = table.new(harbor=3)
+    d.cancel()
+    assert outcome(d).check(CancelledError)
+    assert table.pending == 0
+    assert s not in table
+    assert clock.getDelayedCalls() == []
+    assert table.fail_all(HarborDown("x"), harbor=3) == 0
+
+
+def test_fail_all_filtered_by_harbor():
+    table = SessionTable(Clock())
+    _, to3a = table.new(harbor=3)
+    _, to4 = table.new(harbor=4)
+    _, to3b = table.new(harbor=3)
+    assert table.fail_all(HarborDown("harbor 3 is down"), harbor=3) == 2
+    assert outcome(to3a).check(HarborDown)
+    assert outcome(to3b).check(HarborDown)
+    assert not to4.called
+    assert table.fail_all(HarborDown("all")) == 1
+    assert outcome(to4).check(HarborDown)
+    assert table.pending == 0
+    assert table._by_harbor == {}
+
+
+def test_full_table_is_refused():
+    table = SessionTable(Clock(), id_limit=3)
+    assert [table.new()[0] for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(RuntimeError, match="every session id"):
+        table.new()
+    table.resolve(2, None)
+    assert table.new()[0] == 2
+
+
+def test_memory_is_constant_per_call():
+    table = SessionTable(Clock(), default_timeout=10)
+    for _ in range(1000):
+        s, _ = table.new(harbor=2)
+        table.resolve(s, None)
+    assert table.pending == 0
+    assert table._by_harbor == {}
