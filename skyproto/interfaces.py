@@ -125,3 +125,14 @@ class IMapperClient(Interface):
 
     def names() -> Any:
         """Deferred of the (name, port) pairs the mapper lists."""
+
+
+class IServiceBehaviour(Interface):
+    """A service: what a node calls with each message addressed to it."""
+
+    def receive(source: int, session: int, payload: Any) -> Any:
+        """Handle one message. ``session`` is 0 when no reply is wanted.
+
+        Return the reply: a value, a Deferred or a coroutine. Raising (or failing) sends
+        the caller a RemoteError with the exception's type and message.
+        """

@@ -1,0 +1,226 @@
+"""HarborLink: one authenticated connection between two nodes (a thin adapter).
+
+The handshake logic is in :mod:`.handshake`, the bytes in :mod:`..wire.codec`; this class
+moves frames between the transport and them, keeps the heartbeat, and tells its
+:class:`~skyproto.interfaces.IMessageSink` when the link comes up, carries data, or goes down.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..address import harbor_of
+from ..errors import AuthenticationFailed, HarborDown, ProtocolError
+from ..interfaces import IHarborLink, IMessageSink
+from ..wire.codec import (
+    FrameKind,
+    decode_data_frame,
+    encode_cbor,
+    encode_data_frame,
+)
+from ..wire.framing import DEFAULT_MAX_FRAME, FrameProtocol
+from .handshake import HandshakeRefused, LinkHandshake
+from .messages import HARBOR_CODEC, Heartbeat, LinkRefused
+
+_CONTROL = bytes([FrameKind.CONTROL])
+_DATA = FrameKind.DATA
+_HEARTBEAT = _CONTROL + HARBOR_CODEC.encode(Heartbeat())
+_CLOSED = Failure(ConnectionDone())
+
+
+@attrs.frozen
+class LinkConfig:
+    """What every link of one node shares."""
+
+    harbor: int
+    incarnation: int
+    secret: bytes = attrs.field(repr=False)
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
+    handshake_timeout: float = 5.0
+    max_frame: int = DEFAULT_MAX_FRAME
+
+
+@implementer(IHarborLink)
+class HarborLink(FrameProtocol):
+    """Handshake, then data and heartbeats, on one connection."""
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        sink: IMessageSink,
+        clock: IReactorTime,
+        dialer: bool,
+        expect_harbor: int | None = None,
+        registry: set[HarborLink] | None = None,
+    ) -> None:
+        super().__init__(config.max_frame)
+        self.registry = registry
+        self.config = config
+        self.sink = sink
+        self.clock = clock
+        self.dialer = dialer
+        self.peer_harbor = 0
+        self.peer_incarnation = 0
+        self.up = False
+        #: a dialer's: fires with this link once it is up, or fails with why it never came up
+        self.ready: Deferred[HarborLink] = Deferred()
+        self._handshake = LinkHandshake(
+            config.secret, config.harbor, config.incarnation, dialer, expect_harbor
+        )
+        self._timer: IDelayedCall | None = None
+        self._last_heard = 0.0
+        self._next_beat = 0.0
+        self._lost_reason: BaseException | None = None
+
+    @property
+    def local_harbor(self) -> int:
+        return self.config.harbor
+
+    # --- Twisted protocol --------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.registry is not None:
+            self.registry.add(self)
+        self._timer = self.clock.callLater(self.config.handshake_timeout, self._handshake_late)
+        hello = self._handshake.start()
+        if hello is not None:
+            self._send_control(hello)
+
+    def frame_received(self, frame: bytes) -> None:
+        self._last_heard = self.clock.seconds()
+        if frame and frame[0] == _DATA and self.up:
+            source, destination, session, ptype, payload = decode_data_frame(frame)
+            if harbor_of(source) != self.peer_harbor:
+                raise ProtocolError(f"source {source:#010x} is not on harbor {self.peer_harbor}")
+            self.sink.data_received(self, source, destination, session, ptype, payload)
+        elif frame and frame[0] == FrameKind.CONTROL:
+            self._control_received(HARBOR_CODEC.decode(frame[1:]))
+        else:
+            raise ProtocolError("data before the handshake" if frame else "empty frame")
+
+    def connectionLost(self, reason: Failure = _CLOSED) -> None:
+        if self.registry is not None:
+            self.registry.discard(self)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        why = self._lost_reason or reason.value
+        if self.up:
+            self.up = False
+            self.log.info("harbor {peer} link lost: {why}", peer=self.peer_harbor, why=why)
+            self.sink.link_down(self, HarborDown(f"link to harbor {self.peer_harbor} lost: {why}"))
+        elif self.dialer and not self.ready.called:
+            self.ready.errback(why if isinstance(why, Exception) else HarborDown(str(why)))
+        else:
+            self.log.info("link from {peer} closed before its handshake: {why}",
+                          peer=self.transport.getPeer() if self.transport else None, why=why)
+
+    # --- IHarborLink -------------------------------------------------------------------
+
+    def send_data(self, source: int, destination: int, session: int, ptype: int,
+                  payload: Any) -> None:
+        frame = encode_data_frame(source, destination, session, ptype, encode_cbor(payload))
+        if len(frame) - 4 > self.MAX_LENGTH:
+            self.send_frame(frame[4:])  # raises FrameTooLarge with the sizes
+        assert self.transport is not None
+        self.transport.write(frame)
+
+    def close(self, reason: str) -> None:
+        self.log.info("closing link to harbor {peer}: {reason}", peer=self.peer_harbor,
+                      reason=reason)
+        self._lost_reason = HarborDown(reason)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _control_received(self, message: object) -> None:
+        if isinstance(message, Heartbeat):
+            return
+        if self.up:
+            if isinstance(message, LinkRefused):
+                self._lost_reason = HarborDown(f"peer closed the link: {message.reason}")
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
+            raise ProtocolError(f"unexpected {type(message).__name__} on an up link")
+        try:
+            step = self._handshake.receive(message)
+        except HandshakeRefused as e:
+            self._refuse(e, str(e))
+            return
+        except AuthenticationFailed as e:
+            self._refuse(e, "authentication failed")
+            return
+        for reply in step.send:
+            self._send_control(reply)
+        if step.peer is not None:
+            self.peer_harbor = step.peer.harbor
+            self.peer_incarnation = step.peer.incarnation
+            self.up = True
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._next_beat = self._last_heard + self.config.heartbeat_interval
+            self._timer = self.clock.callLater(self.config.heartbeat_interval, self._tick)
+            self.log.info("harbor {peer} link up (incarnation {incarnation})",
+                          peer=self.peer_harbor, incarnation=self.peer_incarnation)
+            self.sink.link_up(self)
+            self.ready.callback(self)
+
+    def _refuse(self, error: Exception, told: str) -> None:
+        self.log.warn("refusing link from {peer}: {error}", peer=self.transport.getPeer(),  # type: ignore[union-attr]
+                      error=error)
+        self._lost_reason = error
+        self._send_control(LinkRefused(told))
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _send_control(self, message: object) -> None:
+        self.send_frame(_CONTROL + HARBOR_CODEC.encode(message))
+
+    def _tick(self) -> None:
+        """Send a heartbeat when one is due; declare the peer down when its silence is due."""
+        now = self.clock.seconds()
+        silent = now - self._last_heard
+        if silent >= self.config.heartbeat_timeout:
+            self._timer = None
+            self._lost_reason = HarborDown(f"harbor {self.peer_harbor} silent for {silent:.1f} s")
+            self.drop(str(self._lost_reason))
+            return
+        if now >= self._next_beat:
+            self.send_frame(_HEARTBEAT)
+            self._next_beat = now + self.config.heartbeat_interval
+        deadline = min(self._next_beat, self._last_heard + self.config.heartbeat_timeout)
+        self._timer = self.clock.callLater(max(0.0, deadline - now), self._tick)
+
+    def _handshake_late(self) -> None:
+        self._timer = None
+        self._lost_reason = HarborDown(
+            f"no handshake within {self.config.handshake_timeout:g} s"
+        )
+        self.drop(str(self._lost_reason))
+
+
+@attrs.define
+class HarborLinkFactory(Factory):
+    """Builds links for one node: accepting ones, or a dialer meant for ``expect_harbor``."""
+
+    config: LinkConfig
+    sink: IMessageSink
+    clock: IReactorTime
+    dialer: bool = False
+    expect_harbor: int | None = None
+    registry: set[HarborLink] | None = None
+
+    def buildProtocol(self, addr: object) -> HarborLink:
+        return HarborLink(self.config, self.sink, self.clock, self.dialer, self.expect_harbor,
+                          self.registry)
+

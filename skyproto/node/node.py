@@ -1,0 +1,289 @@
+"""The node: a harbor id, its services and names, and call/send to anywhere in the cluster.
+
+A local destination is dispatched in-process through one FIFO run queue, drained by the
+reactor (asynchronous, per-sender order kept, no socket touched); a remote one goes to the
+router. Replies find their call by session id in the node's SessionTable.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import deque
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..address import LOCAL_MAX, check_handle, format_handle, harbor_of, local_of, make_handle
+from ..errors import (
+    CallError,
+    ConfigurationError,
+    HarborDown,
+    NoSuchService,
+    RemoteError,
+)
+from ..harbor.link import LinkConfig
+from ..interfaces import IServiceBehaviour
+from ..session import SessionTable
+from ..wire.codec import PayloadType
+from ..wire.framing import DEFAULT_MAX_FRAME
+from .router import Router
+
+_NORMAL = PayloadType.NORMAL
+_ERROR = PayloadType.ERROR
+NODE_LOCAL_ID = 1  #: the node's own handle (replies to ``node.call`` come back to it)
+
+
+def error_payload(error: BaseException) -> list[str]:
+    """How a failed handler's reply travels: ["remote", exception type, message]."""
+    if isinstance(error, RemoteError):
+        return ["remote", error.remote_type, error.message]
+    return ["remote", type(error).__name__, str(error)]
+
+
+def error_from_payload(payload: Any) -> CallError:
+    """The exception a caller sees for a failed reply."""
+    if isinstance(payload, list) and len(payload) == 3 and all(
+        isinstance(p, str) for p in payload
+    ):
+        kind, remote_type, message = payload
+        if kind == "nosuchservice":
+            return NoSuchService(message)
+        return RemoteError(remote_type, message)
+    return RemoteError("ProtocolError", f"malformed error reply {payload!r}")
+
+
+class Node:
+    """One harbor of the cluster. The reactor is passed in; nothing here imports it."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        harbor: int,
+        reactor: Any,
+        secret: bytes,
+        incarnation: int | None = None,
+        default_timeout: float | None = 10.0,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 3.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_queue: int = 1000,
+    ) -> None:
+        self.reactor = reactor
+        self.harbor = harbor
+        self.handle = make_handle(harbor, NODE_LOCAL_ID)
+        #: new at every start; microseconds of wall time, so a restart always compares newer
+        self.incarnation = incarnation if incarnation is not None else time.time_ns() // 1000
+        self.sessions = SessionTable(reactor, default_timeout)
+        self.config = LinkConfig(harbor, self.incarnation, secret, heartbeat_interval,
+                                 heartbeat_timeout, max_frame=max_frame)
+        self.router = Router(reactor, self.config, self._deliver, self._harbor_lost,
+                             max_queue=max_queue)
+        self.services: dict[int, IServiceBehaviour] = {}
+        self.names: dict[str, int] = {}
+        self._next_local = NODE_LOCAL_ID + 1
+        self._inbox: deque[tuple[int, int, int, int, Any]] = deque()
+        self._draining = False
+        self._ports: list[IListeningPort] = []
+
+    # --- services and names ------------------------------------------------------------
+
+    def spawn(self, service: IServiceBehaviour, name: str | None = None) -> int:
+        """Give ``service`` a handle (and ``name``, or its ``default_name``); return it."""
+        local = self._next_local
+        for _ in range(LOCAL_MAX):
+            if local > LOCAL_MAX:
+                local = NODE_LOCAL_ID + 1
+            if local not in self.services:
+                break
+            local += 1
+        else:
+            raise RuntimeError("every local id of this node is in use")
+        self._next_local = local + 1
+        handle = make_handle(self.harbor, local)
+        self.services[local] = service
+        if hasattr(service, "handle"):
+            service.node = self  # type: ignore[attr-defined]
+            service.handle = handle
+        name = name if name is not None else getattr(service, "default_name", None)
+        if name is not None:
+            self.register_name(name, handle)
+        self.log.info("service {service} is {handle}{named}", service=type(service).__name__,
+                      handle=format_handle(handle), named=f" ({name})" if name else "")
+        return handle
+
+    def kill(self, handle: int) -> None:
+        """Remove a local service; its names go with it."""
+        service = self.services.pop(local_of(handle), None)
+        if service is None or harbor_of(handle) != self.harbor:
+            raise NoSuchService(f"no service {format_handle(handle)} on harbor {self.harbor}")
+        for name in [n for n, h in self.names.items() if h == handle]:
+            del self.names[name]
+        stopped = getattr(service, "stopped", None)
+        if stopped is not None:
+            stopped()
+
+    def register_name(self, name: str, handle: int) -> None:
+        """Bind ``name`` to ``handle``. Names starting with ``.`` never leave this node."""
+        if not name or any(c.isspace() for c in name):
+            raise ConfigurationError(f"a service name is non-empty with no spaces: {name!r}")
+        check_handle(handle)
+        existing = self.names.get(name)
+        if existing is not None and existing != handle:
+            raise ConfigurationError(f"name {name} is already {format_handle(existing)}")
+        self.names[name] = handle
+
+    def resolve(self, destination: int | str) -> int:
+        """The handle for a handle or a name; NoSuchService if the name is unknown."""
+        if isinstance(destination, int):
+            return destination
+        handle = self.names.get(destination)
+        if handle is None:
+            raise NoSuchService(f"no service is named {destination!r}")
+        return handle
+
+    # --- call and send -----------------------------------------------------------------
+
+    def call(self, destination: int | str, payload: Any, timeout: float | None = None,
+             source: int | None = None) -> Deferred[Any]:
+        """Request/response: a Deferred of the reply, or of a CallError."""
+        try:
+            handle = self.resolve(destination)
+        except NoSuchService as e:
+            return _failed(e)
+        session, deferred = self.sessions.new(timeout, harbor_of(handle))
+        try:
+            self._route(source or self.handle, handle, -session, _NORMAL, payload)
+        except Exception as e:
+            self.sessions.fail(session, e)
+        return deferred
+
+    def send(self, destination: int | str, payload: Any, source: int | None = None) -> None:
+        """One-way (session 0). Raises at once if the destination is unknown or down."""
+        self._route(source or self.handle, self.resolve(destination), 0, _NORMAL, payload)
+
+    def _route(self, source: int, destination: int, session: int, ptype: int,
+               payload: Any) -> None:
+        if destination >> 24 == self.harbor:
+            if session <= 0 and (destination & 0xFFFFFF) not in self.services:
+                raise NoSuchService(f"no service {format_handle(destination)}")
+            self._inbox.append((source, destination, session, ptype, payload))
+            if not self._draining:
+                self._draining = True
+                self.reactor.callLater(0, self._drain)
+        else:
+            self.router.send(source, destination, session, ptype, payload)
+
+    def _drain(self) -> None:
+        inbox = self._inbox
+        deliver = self._deliver
+        for _ in range(len(inbox)):  # what arrives meanwhile waits for the next turn
+            deliver(*inbox.popleft())
+        if inbox:
+            self.reactor.callLater(0, self._drain)
+        else:
+            self._draining = False
+
+    # --- receiving ---------------------------------------------------------------------
+
+    def _deliver(self, source: int, destination: int, session: int, ptype: int,
+                 payload: Any) -> None:
+        if session > 0:
+            if ptype == _ERROR:
+                self.sessions.fail(session, error_from_payload(payload))
+            else:
+                self.sessions.resolve(session, payload)
+            return
+        service = self.services.get(destination & 0xFFFFFF)
+        if service is None or destination >> 24 != self.harbor:
+            error = NoSuchService(f"no service {destination:#010x} on harbor {self.harbor}")
+            if session:
+                self._reply(destination, source, -session, _ERROR,
+                            ["nosuchservice", "NoSuchService", str(error)])
+            else:
+                self.log.info("dropping message to {error}", error=error)
+            return
+        try:
+            result = service.receive(source, -session, payload)
+        except Exception as e:
+            self._handler_failed(Failure(e), destination, source, session)
+            return
+        if inspect.iscoroutine(result):
+            result = Deferred.fromCoroutine(result)
+        if isinstance(result, Deferred):
+            result.addCallbacks(
+                self._handler_done, self._handler_failed,
+                callbackArgs=(destination, source, session),
+                errbackArgs=(destination, source, session),
+            )
+        elif session:
+            self._reply(destination, source, -session, _NORMAL, result)
+
+    def _handler_done(self, result: Any, me: int, caller: int, session: int) -> None:
+        if session:
+            self._reply(me, caller, -session, _NORMAL, result)
+
+    def _handler_failed(self, failure: Failure, me: int, caller: int, session: int) -> None:
+        if session:
+            self._reply(me, caller, -session, _ERROR, error_payload(failure.value or Exception()))
+        else:
+            self.log.failure("service {handle} failed on a one-way message", failure,
+                             handle=format_handle(me))
+
+    def _reply(self, source: int, destination: int, session: int, ptype: int,
+               payload: Any) -> None:
+        try:
+            self._route(source, destination, session, ptype, payload)
+        except TypeError as e:  # the handler returned something CBOR cannot carry
+            self._route(source, destination, session, _ERROR, error_payload(e))
+        except Exception as e:
+            self.log.info("reply to {caller} lost: {error}", caller=format_handle(destination),
+                          error=e)
+
+    def _harbor_lost(self, harbor: int, reason: BaseException) -> None:
+        error = reason if isinstance(reason, HarborDown) else HarborDown(str(reason))
+        failed = self.sessions.fail_all(error, harbor)
+        if failed:
+            self.log.info("{count} pending calls to harbor {harbor} failed: {error}",
+                          count=failed, harbor=harbor, error=error)
+
+    # --- network -----------------------------------------------------------------------
+
+    def listen(self, endpoint: str) -> Deferred[IListeningPort]:
+        """Accept harbor links on an endpoint description string."""
+        try:
+            server = serverFromString(self.reactor, endpoint)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigurationError(f"bad listen endpoint {endpoint!r}: {e}") from None
+        listening: Deferred[IListeningPort] = server.listen(self.router.link_factory())
+        return listening.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self._ports.append(port)
+        return port
+
+    def add_peer(self, harbor: int, endpoint: str) -> None:
+        """A static peer: where ``harbor`` listens. The router dials it and keeps it linked."""
+        if harbor == self.harbor:
+            raise ConfigurationError(f"harbor {harbor} is this node itself")
+        self.router.add_peer(harbor, endpoint)
+
+    def stop(self) -> Deferred[Any]:
+        """Stop listening, close every link, fail every pending call."""
+        self.router.stop()
+        self.sessions.fail_all(HarborDown("the node is stopping"))
+        for local in list(self.services):
+            self.kill(make_handle(self.harbor, local))
+        ports, self._ports = self._ports, []
+        return DeferredList([maybeDeferred(port.stopListening) for port in ports])
+
+
+def _failed(error: BaseException) -> Deferred[Any]:
+    deferred: Deferred[Any] = Deferred()
+    deferred.errback(error)
+    return deferred

@@ -1,0 +1,245 @@
+"""The router: one harbor link per peer, chosen by the top 8 bits of a destination.
+
+It dials the peers it knows (static ``--peer`` entries now, the master's table later),
+keeps one live link per harbor, queues messages (bounded) while a first link comes up,
+fails them at once while a harbor is down, and redials with jittered exponential backoff.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..errors import ConfigurationError, FrameTooLarge, HarborDown, QueueFull
+from ..harbor.link import HarborLink, HarborLinkFactory, LinkConfig
+from ..interfaces import IHarborLink, IMessageSink
+from ..wire.codec import DATA_HEADER, encode_cbor
+
+Message = tuple[int, int, int, int, Any]  # source, destination, session, type, payload
+Deliver = Callable[[int, int, int, int, Any], None]
+HarborLost = Callable[[int, BaseException], None]
+
+
+@attrs.define
+class Peer:
+    """What the router knows of one other harbor."""
+
+    harbor: int
+    endpoint: str | None = None
+    link: IHarborLink | None = None
+    dialing: bool = False
+    queue: deque[Message] = attrs.field(factory=deque)
+    retry: IDelayedCall | None = None
+    backoff: float = 0.0
+
+    @property
+    def state(self) -> str:
+        if self.link is not None:
+            return "up"
+        return "connecting" if self.dialing else "down"
+
+
+@implementer(IMessageSink)
+class Router:
+    """Routes messages to harbor links and data from them to ``deliver``."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: LinkConfig,
+        deliver: Deliver,
+        harbor_lost: HarborLost,
+        max_queue: int = 1000,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.config = config
+        self.deliver = deliver
+        self.harbor_lost = harbor_lost
+        self.max_queue = max_queue
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.rng = rng or random.Random()
+        self.peers: dict[int, Peer] = {}
+        self.stopping = False
+        #: every link object currently connected, up or not (for stop and for tests)
+        self.links: set[HarborLink] = set()
+
+    # --- peers -------------------------------------------------------------------------
+
+    def add_peer(self, harbor: int, endpoint: str) -> None:
+        """Learn (or re-learn) where ``harbor`` listens, and dial it unless linked."""
+        try:
+            clientFromString(self.reactor, endpoint)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigurationError(
+                f"harbor {harbor}: bad endpoint {endpoint!r}: {e}"
+            ) from None
+        peer = self.peers.setdefault(harbor, Peer(harbor))
+        peer.endpoint = endpoint
+        if peer.link is None and not peer.dialing:
+            self._dial(peer)
+
+    def remove_peer(self, harbor: int, reason: str) -> None:
+        """Forget ``harbor`` (the master says it is gone): close its link, fail its calls."""
+        peer = self.peers.pop(harbor, None)
+        if peer is None:
+            return
+        if peer.retry is not None and peer.retry.active():
+            peer.retry.cancel()
+        error = HarborDown(f"harbor {harbor} is down: {reason}")
+        self._fail_queue(peer, error)
+        if peer.link is not None:
+            link, peer.link = peer.link, None
+            link.close(reason)
+            self.harbor_lost(harbor, error)
+
+    def state(self, harbor: int) -> str:
+        peer = self.peers.get(harbor)
+        return "unknown" if peer is None else peer.state
+
+    # --- sending -----------------------------------------------------------------------
+
+    def send(self, source: int, destination: int, session: int, ptype: int,
+             payload: Any) -> None:
+        """Send toward ``destination``'s harbor; raise HarborDown / QueueFull / FrameTooLarge."""
+        harbor = destination >> 24
+        peer = self.peers.get(harbor)
+        if peer is not None and peer.link is not None:
+            peer.link.send_data(source, destination, session, ptype, payload)
+        elif peer is not None and peer.dialing:
+            if len(peer.queue) >= self.max_queue:
+                raise QueueFull(
+                    f"{len(peer.queue)} messages already wait for harbor {harbor}'s link"
+                )
+            size = DATA_HEADER.size + len(encode_cbor(payload))  # fail now, not at flush
+            if size > self.config.max_frame:
+                raise FrameTooLarge(size, self.config.max_frame)
+            peer.queue.append((source, destination, session, ptype, payload))
+        elif peer is None:
+            raise HarborDown(f"harbor {harbor} is not known to this node")
+        else:
+            raise HarborDown(f"harbor {harbor} is down")
+
+    # --- IMessageSink ------------------------------------------------------------------
+
+    def link_up(self, link: IHarborLink) -> None:
+        harbor = link.peer_harbor
+        peer = self.peers.setdefault(harbor, Peer(harbor))
+        current = peer.link
+        if current is not None:
+            if link.peer_incarnation < current.peer_incarnation:
+                link.close(f"harbor {harbor} incarnation {link.peer_incarnation} is stale")
+                return
+            if link.peer_incarnation == current.peer_incarnation:
+                # Both sides dialed: both keep the link dialed by the lower harbor id.
+                if self._dialed_by(link) != min(harbor, self.config.harbor):
+                    link.close("duplicate link")
+                    return
+                peer.link = None
+                current.close("duplicate link")
+            else:
+                peer.link = None
+                current.close(f"replaced by incarnation {link.peer_incarnation}")
+                self.harbor_lost(harbor, HarborDown(
+                    f"harbor {harbor} restarted (incarnation {link.peer_incarnation})"))
+        peer.link = link
+        peer.backoff = 0.0
+        if peer.retry is not None and peer.retry.active():
+            peer.retry.cancel()
+        peer.retry = None
+        while peer.queue:
+            source, destination, session, ptype, payload = peer.queue.popleft()
+            link.send_data(source, destination, session, ptype, payload)
+
+    def link_down(self, link: IHarborLink, reason: BaseException) -> None:
+        peer = self.peers.get(link.peer_harbor)
+        if peer is None or peer.link is not link:
+            return  # a superseded or forgotten link: its harbor is not down
+        peer.link = None
+        self.harbor_lost(peer.harbor, reason)
+        if not self.stopping and peer.endpoint is not None:
+            self._schedule_retry(peer)
+
+    def data_received(self, link: IHarborLink, source: int, destination: int, session: int,
+                      ptype: int, payload: Any) -> None:
+        self.deliver(source, destination, session, ptype, payload)
+
+    # --- dialing -----------------------------------------------------------------------
+
+    def link_factory(self, dialer: bool = False,
+                     expect_harbor: int | None = None) -> HarborLinkFactory:
+        """A factory for this node's links; every link it builds is kept in ``links``."""
+        return HarborLinkFactory(self.config, self, self.clock, dialer, expect_harbor,
+                                 registry=self.links)
+
+    def _dialed_by(self, link: IHarborLink) -> int:
+        return self.config.harbor if getattr(link, "dialer", False) else link.peer_harbor
+
+    def _dial(self, peer: Peer) -> None:
+        assert peer.endpoint is not None
+        peer.dialing = True
+        peer.retry = None
+        endpoint = clientFromString(self.reactor, peer.endpoint)
+        factory = self.link_factory(dialer=True, expect_harbor=peer.harbor)
+        connecting: Deferred[Any] = endpoint.connect(factory)
+        connecting.addTimeout(self.config.handshake_timeout, self.clock)
+        connecting.addCallback(lambda link: link.ready)
+        connecting.addCallbacks(lambda _: self._dialed(peer),
+                                lambda failure: self._dial_failed(peer, failure))
+
+    def _dialed(self, peer: Peer) -> None:
+        peer.dialing = False
+
+    def _dial_failed(self, peer: Peer, failure: Failure) -> None:
+        peer.dialing = False
+        if self.peers.get(peer.harbor) is not peer:
+            return
+        error = HarborDown(
+            f"harbor {peer.harbor} at {peer.endpoint} is unreachable: {failure.getErrorMessage()}"
+        )
+        self._fail_queue(peer, error)
+        if peer.link is None and not self.stopping:
+            delay = self._schedule_retry(peer)
+            self.log.warn("{error}; retrying in {delay:.1f} s", error=error, delay=delay)
+
+    def _fail_queue(self, peer: Peer, error: HarborDown) -> None:
+        if peer.queue:
+            peer.queue.clear()
+            self.harbor_lost(peer.harbor, error)
+
+    def _schedule_retry(self, peer: Peer) -> float:
+        peer.backoff = min(self.retry_max, peer.backoff * 2 or self.retry_initial)
+        delay = peer.backoff * self.rng.uniform(0.8, 1.2)
+        peer.retry = self.clock.callLater(delay, self._retry, peer)
+        return delay
+
+    def _retry(self, peer: Peer) -> None:
+        peer.retry = None
+        if self.peers.get(peer.harbor) is peer and peer.link is None and not peer.dialing:
+            self._dial(peer)
+
+    def stop(self) -> None:
+        """Close every link and cancel every retry (the node is stopping)."""
+        self.stopping = True
+        for peer in self.peers.values():
+            if peer.retry is not None and peer.retry.active():
+                peer.retry.cancel()
+            peer.retry = None
+        for link in list(self.links):
+            link.close("node stopping")

@@ -1,0 +1,363 @@
+"""Nodes, services and harbor links over loopback: every failure semantic, deterministically."""
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from zope.interface.verify import verifyObject
+
+from skyproto.address import make_handle
+from skyproto.errors import (
+    CallTimeout,
+    FrameTooLarge,
+    HarborDown,
+    NoSuchService,
+    QueueFull,
+    RemoteError,
+)
+from skyproto.interfaces import IHarborLink, IMessageSink, IServiceBehaviour
+from skyproto.node.node import Node
+from skyproto.services import Echo, Relay
+
+from .cluster import (
+    SECRET,
+    Collector,
+    Failing,
+    Parked,
+    failure_of,
+    make_node,
+    mesh,
+    network,
+    result_of,
+)
+
+
+def test_interfaces():
+    _clock, (a, _b) = mesh(2)
+    link = a.router.peers[2].link
+    assert verifyObject(IHarborLink, link)
+    assert verifyObject(IMessageSink, a.router)
+    assert verifyObject(IServiceBehaviour, Echo())
+
+
+def test_local_call_is_asynchronous_and_touches_no_socket():
+    clock = Clock()
+    node = Node(1, clock, SECRET)
+    node.spawn(Echo())
+    d = node.call("ECHO", {"k": [1, 2]})
+    assert not d.called
+    clock.advance(0)
+    assert result_of(d) == {"k": [1, 2]}
+    assert network(clock).connections == ()
+
+
+def test_local_messages_keep_per_sender_order():
+    clock = Clock()
+    node = Node(1, clock, SECRET)
+    sink = Collector()
+    node.spawn(sink, ".sink")
+    for i in range(50):
+        node.send(".sink", i)
+    clock.advance(0)
+    assert [payload for _, _, payload in sink.received] == list(range(50))
+    assert all(session == 0 for _, session, _ in sink.received)
+
+
+def test_remote_call_by_handle_and_name():
+    clock, (a, b) = mesh(2)
+    echo = b.spawn(Echo())
+    assert echo == make_handle(2, 2)
+    d = a.call(echo, ["hello", b"\x00\xff", 3.5])
+    clock.advance(0)
+    assert result_of(d) == ["hello", b"\x00\xff", 3.5]
+    a.register_name("REMOTE_ECHO", echo)
+    d = a.call("REMOTE_ECHO", "again")
+    clock.advance(0)
+    assert result_of(d) == "again"
+
+
+def test_remote_one_way_send_is_fifo():
+    clock, (a, b) = mesh(2)
+    sink = Collector()
+    handle = b.spawn(sink)
+    for i in range(100):
+        a.send(handle, i)
+    clock.advance(0)
+    assert [p for _, _, p in sink.received] == list(range(100))
+    assert all(source == a.handle for source, _, _ in sink.received)
+
+
+def test_local_names_never_leave_the_node_but_resolve_locally():
+    clock, (a, b) = mesh(2)
+    b.spawn(Collector(), ".private")
+    failure_of(a.call(".private", 1), NoSuchService)
+    d = b.call(".private", 1)
+    clock.advance(0)
+    assert result_of(d) == "ok"
+
+
+def test_unknown_name_and_unknown_handle():
+    clock, (a, _b) = mesh(2)
+    failure = failure_of(a.call("NOBODY", 1), NoSuchService)
+    assert "NOBODY" in str(failure.value)
+    failure_of(a.call(make_handle(1, 999), 1), NoSuchService)  # local, at once
+    d = a.call(make_handle(2, 999), 1)  # remote: the other node says so
+    clock.advance(0)
+    assert "02000" in str(failure_of(d, NoSuchService).value).replace("0x", "")
+
+
+def test_remote_error_carries_type_and_message_and_link_stays_up():
+    clock, (a, b) = mesh(2)
+    bad = b.spawn(Failing())
+    echo = b.spawn(Echo())
+    d = a.call(bad, "x")
+    clock.advance(0)
+    error = failure_of(d, RemoteError).value
+    assert error.remote_type == "ValueError"
+    assert error.message == "bad payload 'x'"
+    d = a.call(echo, "still up")
+    clock.advance(0)
+    assert result_of(d) == "still up"
+
+
+def test_timeout_frees_the_session_and_late_reply_is_dropped():
+    clock, (a, b) = mesh(2)
+    parked = Parked()
+    handle = b.spawn(parked)
+    d = a.call(handle, "x", timeout=2)
+    clock.advance(0)
+    assert a.sessions.pending == 1
+    clock.advance(2)
+    failure_of(d, CallTimeout)
+    assert a.sessions.pending == 0
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        parked.waiting[0].callback("too late")
+        clock.advance(0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any("unknown or expired session" in e.get("log_format", "") for e in events)
+
+
+def test_default_timeout_per_node():
+    clock, (a, b) = mesh(2, default_timeout=1.5)
+    d = a.call(b.spawn(Parked()), "x")
+    clock.advance(1.5)
+    failure_of(d, CallTimeout)
+
+
+def test_cancel_frees_the_session():
+    clock, (a, b) = mesh(2)
+    d = a.call(b.spawn(Parked()), "x")
+    clock.advance(0)
+    d.cancel()
+    failure_of(d, CancelledError)
+    assert a.sessions.pending == 0
+
+
+def test_cut_link_fails_every_pending_call_at_once_and_spares_others():
+    clock, (a, b, c) = mesh(3)
+    to_b = [a.call(b.spawn(Parked()), i) for i in range(3)]
+    to_c_service = c.spawn(Parked())
+    to_c = a.call(to_c_service, "c")
+    clock.advance(0)
+    link = a.router.peers[2].link
+    link.transport.connection.cut()
+    clock.advance(0)
+    for d in to_b:
+        assert "harbor 2" in str(failure_of(d, HarborDown).value)
+    assert not to_c.called
+    failure_of(a.call(make_handle(2, 2), "now"), HarborDown)  # down: fails at once
+
+
+def test_silent_peer_is_declared_down_by_heartbeats_then_relinks():
+    clock, (a, b) = mesh(2)
+    echo = b.spawn(Echo())
+    pending = a.call(b.spawn(Parked()), "x", timeout=60)
+    clock.advance(0)
+    a.router.peers[2].link.transport.connection.pause()
+    for _ in range(40):
+        clock.advance(0.1)
+        if pending.called:
+            break
+    assert "silent for 3.0 s" in str(failure_of(pending, HarborDown).value)
+    assert 3.0 <= clock.seconds() <= 3.1
+    for _ in range(100):  # the router redials with backoff
+        clock.advance(0.1)
+    d = a.call(echo, "back")
+    clock.advance(0)
+    assert result_of(d) == "back"
+
+
+def test_bad_frame_drops_only_that_link():
+    clock, (a, b, c) = mesh(3)
+    pending = a.call(b.spawn(Parked()), "x")
+    echo_c = c.spawn(Echo())
+    clock.advance(0)
+    b.router.peers[1].link.transport.write(b"\x00\x00\x00\x02\x07\x07")  # unknown frame kind
+    clock.advance(0)
+    failure_of(pending, HarborDown)
+    d = a.call(echo_c, "fine")
+    clock.advance(0)
+    assert result_of(d) == "fine"
+
+
+def test_oversized_payload_fails_the_call_not_the_link():
+    clock, (a, b) = mesh(2, max_frame=1024)
+    echo = b.spawn(Echo())
+    failure_of(a.call(echo, b"x" * 2000), FrameTooLarge)
+    d = a.call(echo, b"x" * 500)
+    clock.advance(0)
+    assert result_of(d) == b"x" * 500
+
+
+def test_unencodable_payload_is_a_type_error():
+    _clock, (a, b) = mesh(2)
+    failure_of(a.call(b.spawn(Echo()), object()), TypeError)
+
+
+def test_unreturnable_reply_is_a_remote_error():
+    class Bad(Echo):
+        def receive(self, source, session, payload):
+            return object()
+
+    clock, (a, b) = mesh(2)
+    d = a.call(b.spawn(Bad()), 1)
+    clock.advance(0)
+    assert failure_of(d, RemoteError).value.remote_type == "TypeError"
+
+
+def test_async_handler_awaits_a_call():
+    clock, (a, b, c) = mesh(3)
+    echo = c.spawn(Echo())
+    relay = b.spawn(Relay())
+    d = a.call(relay, [echo, "via b"])
+    clock.advance(0)
+    assert result_of(d) == "via b"
+    d = a.call(relay, [make_handle(3, 77), "nobody"])
+    clock.advance(0)
+    assert failure_of(d, RemoteError).value.remote_type == "NoSuchService"
+
+
+def test_messages_queue_while_the_link_comes_up_and_overflow_is_an_error():
+    clock = Clock()
+    a = make_node(clock, 1, max_queue=2)
+    b = make_node(clock, 2)
+    echo = b.spawn(Echo())
+    a.add_peer(2, "loopback:h2")
+    assert a.router.state(2) == "connecting"
+    first, second = a.call(echo, 1), a.call(echo, 2)
+    failure_of(a.call(echo, 3), QueueFull)
+    clock.advance(0)
+    assert (result_of(first), result_of(second)) == (1, 2)
+
+
+def test_unreachable_peer_fails_queued_calls_and_retries():
+    clock = Clock()
+    a = make_node(clock, 1)
+    a.add_peer(2, "loopback:h2")
+    d = a.call(make_handle(2, 2), "x")
+    clock.advance(0)
+    assert "unreachable" in str(failure_of(d, HarborDown).value)
+    assert a.router.state(2) == "down"
+    b = make_node(clock, 2)
+    echo = b.spawn(Echo())
+    for _ in range(20):
+        clock.advance(0.1)
+    d = a.call(echo, "up now")
+    clock.advance(0)
+    assert result_of(d) == "up now"
+
+
+def test_unknown_harbor_fails_at_once():
+    _clock, (a, _) = mesh(2)
+    assert "not known" in str(failure_of(a.call(make_handle(9, 2), "x"), HarborDown).value)
+
+
+def test_wrong_secret_is_refused_and_nothing_links():
+    clock = Clock()
+    a = make_node(clock, 1)
+    b = make_node(clock, 2, secret=b"another secret")
+    echo = b.spawn(Echo())
+    a.add_peer(2, "loopback:h2")
+    d = a.call(echo, "x")
+    clock.advance(0)
+    assert "secret" in str(failure_of(d, HarborDown).value)
+    assert a.router.state(2) == "down"
+    assert 1 not in b.router.peers or b.router.peers[1].link is None
+
+
+def test_newer_incarnation_replaces_the_old_link():
+    clock, (a, b) = mesh(2)
+    pending = a.call(b.spawn(Parked()), "x")
+    clock.advance(0)
+    # harbor 2 "restarts": a new process (new incarnation) dials harbor 1
+    b.router.stopping = True
+    for port in b._ports:
+        port.stopListening()
+    b2 = Node(2, clock, SECRET, incarnation=b.incarnation + 1)
+    b2.listen("loopback:h2b")
+    echo = b2.spawn(Echo())
+    b2.add_peer(1, "loopback:h1")
+    clock.advance(0)
+    assert "restarted" in str(failure_of(pending, HarborDown).value)
+    assert a.router.peers[2].link.peer_incarnation == b2.incarnation
+    d = a.call(echo, "new")
+    clock.advance(0)
+    assert result_of(d) == "new"
+
+
+def test_both_sides_dial_and_keep_one_link_per_pair():
+    clock, nodes = mesh(4)
+    for _ in range(5):
+        clock.advance(0.1)
+    up = {(n.harbor, p.harbor) for n in nodes for p in n.router.peers.values() if p.link}
+    assert len(up) == 4 * 3
+    assert len(network(clock).connections) == 4 * 3 // 2
+    for node in nodes:
+        for peer in node.router.peers.values():
+            other = nodes[peer.harbor - 1].router.peers[node.harbor].link
+            assert peer.link.transport.connection is other.transport.connection
+
+
+def test_stop_fails_pending_calls_and_closes_links():
+    clock, (a, b) = mesh(2)
+    pending = a.call(b.spawn(Parked()), "x")
+    clock.advance(0)
+    a.stop()
+    clock.advance(0)
+    failure_of(pending, HarborDown)
+    assert network(clock).connections == ()
+
+
+def test_handler_returning_a_deferred():
+    clock, (a, b) = mesh(2)
+    parked = Parked()
+    d = a.call(b.spawn(parked), "x")
+    clock.advance(0)
+    assert not d.called
+    parked.waiting[0].callback("later")
+    clock.advance(0)
+    assert result_of(d) == "later"
+
+
+def test_deferred_failure_in_handler_becomes_remote_error():
+    clock, (a, b) = mesh(2)
+    parked = Parked()
+    d = a.call(b.spawn(parked), "x")
+    clock.advance(0)
+    parked.waiting[0].errback(KeyError("k"))
+    clock.advance(0)
+    assert failure_of(d, RemoteError).value.remote_type == "KeyError"
+
+
+def test_kill_removes_service_and_names():
+    clock = Clock()
+    node = Node(1, clock, SECRET)
+    handle = node.spawn(Echo())
+    node.kill(handle)
+    failure_of(node.call("ECHO", 1), NoSuchService)
+    failure_of(node.call(handle, 1), NoSuchService)
+    second = node.spawn(Echo())
+    assert second != handle  # never reused while... and not even right after
+    assert isinstance(Deferred(), Deferred)
