@@ -9,6 +9,7 @@ these functions do the checking.
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Final
 
@@ -22,6 +23,7 @@ LOCAL_MIN: Final = 1
 LOCAL_MAX: Final = (1 << 24) - 1
 HARBOR_SHIFT: Final = 24
 LOCAL_MASK: Final = LOCAL_MAX
+_HANDLE_TEXT: Final = re.compile(r":[0-9a-fA-F]{8}")
 
 
 def check_harbor(harbor: int) -> int:
@@ -69,13 +71,9 @@ def format_handle(handle: int) -> str:
 
 def parse_handle(text: str) -> int:
     """Parse the text form (``:0100002a``) back to a handle, checking both parts."""
-    if len(text) != 9 or text[0] != ":":
+    if not _HANDLE_TEXT.fullmatch(text):
         raise AddressError(f"a handle is written ':' and 8 hex digits, not {text!r}")
-    try:
-        value = int(text[1:], 16)
-    except ValueError:
-        raise AddressError(f"a handle is written ':' and 8 hex digits, not {text!r}") from None
-    return check_handle(value)
+    return check_handle(int(text[1:], 16))
 
 
 @attrs.frozen

@@ -15,7 +15,11 @@ class ProtocolError(SkyprotoError):
     """Bytes from a peer that do not follow the protocol: the connection is dropped."""
 
 
-class FrameTooLarge(SkyprotoError, ValueError):
+class CallError(SkyprotoError):
+    """Base of everything a ``call`` can errback with."""
+
+
+class FrameTooLarge(CallError, ValueError):
     """A frame to be sent is larger than the configured limit; nothing was sent."""
 
     def __init__(self, size: int, limit: int) -> None:
@@ -34,10 +38,6 @@ class AuthenticationFailed(SkyprotoError):
 
 class ConfigurationError(SkyprotoError):
     """A user mistake in options or configuration; its message is shown as one line."""
-
-
-class CallError(SkyprotoError):
-    """Base of everything a ``call`` can errback with."""
 
 
 class NoSuchService(CallError):

@@ -20,10 +20,13 @@ class ISessionTable(Interface):
     def new(timeout: float | None = None, harbor: int = 0) -> tuple[int, Any]:
         """Allocate a session id and its Deferred; ``harbor`` tags it for ``fail_all``."""
 
-    def resolve(session: int, value: object) -> bool:
-        """Fire the call's Deferred with ``value``; an unknown id is logged, returns False."""
+    def resolve(session: int, value: object, harbor: int | None = None) -> bool:
+        """Fire the call's Deferred with ``value``; an unknown id is logged, returns False.
 
-    def fail(session: int, reason: BaseException) -> bool:
+        With ``harbor``, only a call that went to that harbor matches (a reply from
+        elsewhere is dropped like an unknown id)."""
+
+    def fail(session: int, reason: BaseException, harbor: int | None = None) -> bool:
         """Errback the call's Deferred; an unknown id is logged, returns False."""
 
     def fail_all(reason: BaseException, harbor: int | None = None) -> int:
@@ -43,6 +46,11 @@ class IMessageSink(Interface):
         link: IHarborLink, source: int, destination: int, session: int, ptype: int, payload: Any
     ) -> None:
         """One data message arrived on ``link``; ``session`` is signed as on the wire."""
+
+    def bad_payload(
+        link: IHarborLink, source: int, destination: int, session: int, error: Exception
+    ) -> None:
+        """A data message whose payload could not be decoded: fail that message only."""
 
 
 class IHarborLink(Interface):

@@ -85,8 +85,8 @@ class SessionTable:
             entry.timer = self.clock.callLater(timeout, self._expire, session, timeout)
         return session, deferred
 
-    def resolve(self, session: int, value: object) -> bool:
-        entry = self._forget(session)
+    def resolve(self, session: int, value: object, harbor: int | None = None) -> bool:
+        entry = self._forget(session, harbor)
         if entry is None:
             self.log.info("dropping reply to unknown or expired session {session}",
                           session=session)
@@ -94,8 +94,8 @@ class SessionTable:
         entry.deferred.callback(value)
         return True
 
-    def fail(self, session: int, reason: BaseException) -> bool:
-        entry = self._forget(session)
+    def fail(self, session: int, reason: BaseException, harbor: int | None = None) -> bool:
+        entry = self._forget(session, harbor)
         if entry is None:
             self.log.info("dropping error reply to unknown or expired session {session}",
                           session=session)
@@ -119,8 +119,15 @@ class SessionTable:
     def _cancel(self, session: int) -> None:
         self._forget(session)
 
-    def _forget(self, session: int) -> _Pending | None:
-        entry = self._pending.pop(session, None)
+    def _forget(self, session: int, harbor: int | None = None) -> _Pending | None:
+        """Remove a pending call; with ``harbor``, only if the call went to that harbor."""
+        if harbor is not None:
+            entry = self._pending.get(session)
+            if entry is None or entry.harbor != harbor:
+                return None
+            del self._pending[session]
+        else:
+            entry = self._pending.pop(session, None)
         if entry is None:
             return None
         if entry.timer is not None:

@@ -1,30 +1,209 @@
-"""twistd service makers: the only place that builds services from command-line options."""
+"""twistd service makers: the only place that builds services from command-line options.
+
+Every user mistake ends in one line on stderr and exit status 1, never a traceback: option
+errors are caught in :meth:`OneLineOptions.parseOptions`, configuration errors (secret
+file, endpoints, services, a port already taken) in the ``make_*`` functions.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
+
+from .address import NodeName, check_harbor, format_handle
+from .auth import load_secret
+from .errors import AddressError, ConfigurationError
+from .node.node import Node
+from .services import load_service_class
+from .wire.framing import DEFAULT_MAX_FRAME
+
+log = Logger()
 
 
 def exit_with(message: str, program: str) -> NoReturn:
     """Print one line saying what is wrong and exit non-zero: no traceback for users."""
-    print(f"{program}: {message}", file=sys.stderr)
+    print(f"{program}: error: {message}", file=sys.stderr)
     raise SystemExit(1)
 
 
-class MasterOptions(usage.Options):
+class OneLineOptions(usage.Options):
+    """Options whose errors are one line on stderr (twistd would print the whole help)."""
+
+    program = "skyproto"
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            exit_with(f"{e} (see: twistd {self.program} --help)", self.program)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"{text} is not a positive number")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"{text} is not a positive integer")
+    return value
+
+
+class MasterOptions(OneLineOptions):
     """Options for ``twistd skymaster``."""
 
+    program = "skymaster"
 
-class MapperOptions(usage.Options):
+
+class MapperOptions(OneLineOptions):
     """Options for ``twistd skymapper``."""
 
+    program = "skymapper"
 
-class NodeOptions(usage.Options):
+
+class NodeOptions(OneLineOptions):
     """Options for ``twistd skynode``."""
+
+    program = "skynode"
+    synopsis = "[options]"
+    longdesc = (
+        "Run one skyproto node: local services, and harbor links to the other nodes. "
+        "Static peers (--peer) need no master."
+    )
+    optParameters = [
+        ["harbor", None, None, "This node's harbor id, 1..255 (required)."],
+        ["name", None, None, "Node name, NAME or NAME@HOST (default: harborN@<short host>)."],
+        ["listen", None, "tcp:0:interface=127.0.0.1",
+         "Endpoint where this node accepts harbor links."],
+        ["secret-file", None, "~/.skyproto.cookie",
+         "Cluster secret (created with mode 0600 if missing)."],
+        ["timeout", None, 10.0, "Default call timeout in seconds.", _positive_float],
+        ["heartbeat-interval", None, 1.0, "Seconds between heartbeats.", _positive_float],
+        ["heartbeat-timeout", None, 3.0, "Seconds of silence before a peer is down.",
+         _positive_float],
+        ["max-frame", None, DEFAULT_MAX_FRAME, "Largest frame in bytes.", _positive_int],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["peers"] = []
+        self["services"] = []
+
+    def opt_peer(self, value: str) -> None:
+        """HARBOR=ENDPOINT: a static peer, e.g. 2=tcp:127.0.0.1:7002 (repeatable)."""
+        harbor, equals, endpoint = value.partition("=")
+        if not equals or not endpoint:
+            raise usage.UsageError(f"--peer takes HARBOR=ENDPOINT, not {value!r}")
+        try:
+            self["peers"].append((check_harbor(int(harbor)), endpoint))
+        except (ValueError, AddressError):
+            raise usage.UsageError(f"--peer {value!r}: harbor must be 1..255") from None
+
+    def opt_service(self, value: str) -> None:
+        """A built-in service (echo, relay) or package.module:Class (repeatable)."""
+        self["services"].append(value)
+
+    def postOptions(self) -> None:
+        if self["harbor"] is None:
+            raise usage.UsageError("--harbor is required")
+        try:
+            self["harbor"] = check_harbor(int(self["harbor"]))
+        except (ValueError, AddressError):
+            raise usage.UsageError(
+                f"--harbor must be an integer from 1 to 255, not {self['harbor']!r}"
+            ) from None
+        name = self["name"] or f"harbor{self['harbor']}"
+        try:
+            self["node_name"] = NodeName.parse(name)
+        except AddressError as e:
+            raise usage.UsageError(f"--name: {e}") from None
+        if self["heartbeat-timeout"] <= self["heartbeat-interval"]:
+            raise usage.UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
+
+
+def describe_address(port: IListeningPort) -> str:
+    """Where peers can reach a listening port, as an endpoint string."""
+    host = port.getHost()
+    kind = type(host).__name__
+    if kind in ("IPv4Address", "IPv6Address"):
+        return f"tcp:{host.host}:{host.port}"  # type: ignore[attr-defined]
+    if kind == "UNIXAddress":
+        return f"unix:{host.name.decode() if isinstance(host.name, bytes) else host.name}"  # type: ignore[attr-defined]
+    return str(host)
+
+
+def listen_now(listening: Deferred[IListeningPort], what: str, program: str) -> IListeningPort:
+    """The port of a listen that TCP/UNIX endpoints complete at once; exit if it failed."""
+    box: list[IListeningPort | Failure] = []
+    listening.addBoth(box.append)
+    if not box:
+        exit_with(f"{what} did not start listening at once", program)
+    if isinstance(box[0], Failure):
+        exit_with(f"cannot listen on {what}: {box[0].getErrorMessage()}", program)
+    return box[0]
+
+
+class NodeService(Service):
+    """Runs a Node: dials the static peers at start, stops the node at stop."""
+
+    def __init__(self, node: Node, peers: list[tuple[int, str]]) -> None:
+        self.node = node
+        self.peers = peers
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        for harbor, endpoint in self.peers:
+            self.node.add_peer(harbor, endpoint)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return self.node.stop()
+
+
+def make_node_service(options: NodeOptions) -> IService:
+    from twisted.internet import reactor
+
+    program = "skynode"
+    try:
+        secret = load_secret(options["secret-file"])
+        node = Node(
+            options["harbor"], reactor, secret,
+            default_timeout=options["timeout"],
+            heartbeat_interval=options["heartbeat-interval"],
+            heartbeat_timeout=options["heartbeat-timeout"],
+            max_frame=options["max-frame"],
+        )
+        for harbor, _ in options["peers"]:
+            if harbor == node.harbor:
+                raise ConfigurationError(f"--peer {harbor}=...: that is this node's own harbor")
+        for spec in options["services"]:
+            cls = load_service_class(spec)
+            try:
+                service = cls()
+            except Exception as e:
+                raise ConfigurationError(f"cannot start service {spec!r}: {e}") from None
+            node.spawn(service)
+        port = listen_now(node.listen(options["listen"]), options["listen"], program)
+    except ConfigurationError as e:
+        exit_with(str(e), program)
+    log.info(
+        "skynode {node} is harbor {harbor}, incarnation {incarnation}, listening on {address}",
+        node=str(options["node_name"]), harbor=node.harbor, incarnation=node.incarnation,
+        address=describe_address(port),
+    )
+    for name, handle in sorted(node.names.items()):
+        log.info("name {name} is {handle}", name=name, handle=format_handle(handle))
+    return NodeService(node, options["peers"])
 
 
 def make_master_service(options: MasterOptions) -> IService:
@@ -33,7 +212,3 @@ def make_master_service(options: MasterOptions) -> IService:
 
 def make_mapper_service(options: MapperOptions) -> IService:
     exit_with("not yet: the port mapper lands with issue 5", "skymapper")
-
-
-def make_node_service(options: NodeOptions) -> IService:
-    exit_with("not yet: the node lands with issue 3", "skynode")

@@ -38,7 +38,7 @@ def test_bool_is_not_a_harbor():
 
 
 @pytest.mark.parametrize("text", ["0100002a", ":0100002", ":0100002g", ":00000001", ":01000000",
-                                  "", ":-1000000"])
+                                  "", ":-1000000", ":+1000002", ":1_00002a", ": 100002a"])
 def test_bad_text_forms(text):
     with pytest.raises(AddressError):
         parse_handle(text)

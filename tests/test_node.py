@@ -361,3 +361,64 @@ def test_kill_removes_service_and_names():
     second = node.spawn(Echo())
     assert second != handle  # never reused while... and not even right after
     assert isinstance(Deferred(), Deferred)
+
+
+def test_payload_the_receiver_cannot_read_fails_that_call_only():
+    clock, (a, b) = mesh(2)
+    echo = b.spawn(Echo())
+    d = a.call(echo, {1, 2})  # cbor2 encodes a set with a tag, which peers refuse
+    clock.advance(0)
+    error = failure_of(d, RemoteError).value
+    assert error.remote_type == "ProtocolError" and "unreadable payload" in error.message
+    d = a.call(echo, "link still up")
+    clock.advance(0)
+    assert result_of(d) == "link still up"
+
+
+def test_unreadable_reply_fails_the_call():
+    class SetReply(Echo):
+        def receive(self, source, session, payload):
+            return frozenset([1])
+
+    clock, (a, b) = mesh(2)
+    d = a.call(b.spawn(SetReply()), 1)
+    clock.advance(0)
+    assert failure_of(d, RemoteError).value.remote_type == "ProtocolError"
+
+
+def test_oversized_reply_is_an_error_not_a_timeout():
+    class Big(Echo):
+        def receive(self, source, session, payload):
+            return b"x" * 4096
+
+    clock, (a, b) = mesh(2, max_frame=1024)
+    d = a.call(b.spawn(Big()), 1, timeout=5)
+    clock.advance(0)
+    assert failure_of(d, RemoteError).value.remote_type == "FrameTooLarge"
+
+
+def test_a_reply_only_completes_a_call_to_its_own_harbor():
+    clock, (a, b, c) = mesh(3)
+    pending = a.call(b.spawn(Parked()), "x")
+    clock.advance(0)
+    session = next(iter(a.sessions._pending))
+    # harbor 3 forges a reply to the call that went to harbor 2
+    c.router.peers[1].link.send_data(c.handle, a.handle, session, 0, "forged")
+    clock.advance(0)
+    assert not pending.called
+    assert a.sessions.pending == 1
+
+
+def test_killing_a_foreign_handle_leaves_local_services_alone():
+    clock = Clock()
+    node = Node(1, clock, SECRET)
+    local = node.spawn(Echo())
+    failure = None
+    try:
+        node.kill(make_handle(2, local & 0xFFFFFF))
+    except NoSuchService as e:
+        failure = e
+    assert failure is not None
+    d = node.call("ECHO", "alive")
+    clock.advance(0)
+    assert result_of(d) == "alive"

@@ -21,8 +21,10 @@ from ..address import harbor_of
 from ..errors import AuthenticationFailed, HarborDown, ProtocolError
 from ..interfaces import IHarborLink, IMessageSink
 from ..wire.codec import (
+    DATA_HEADER,
     FrameKind,
-    decode_data_frame,
+    decode_data_header,
+    decode_payload,
     encode_cbor,
     encode_data_frame,
 )
@@ -34,6 +36,7 @@ _CONTROL = bytes([FrameKind.CONTROL])
 _DATA = FrameKind.DATA
 _HEARTBEAT = _CONTROL + HARBOR_CODEC.encode(Heartbeat())
 _CLOSED = Failure(ConnectionDone())
+_HEADER_SIZE = DATA_HEADER.size
 
 
 @attrs.frozen
@@ -99,14 +102,23 @@ class HarborLink(FrameProtocol):
     def frame_received(self, frame: bytes) -> None:
         self._last_heard = self.clock.seconds()
         if frame and frame[0] == _DATA and self.up:
-            source, destination, session, ptype, payload = decode_data_frame(frame)
+            source, destination, session, ptype = decode_data_header(frame)
             if harbor_of(source) != self.peer_harbor:
                 raise ProtocolError(f"source {source:#010x} is not on harbor {self.peer_harbor}")
+            try:
+                payload = decode_payload(frame[_HEADER_SIZE:])
+            except ProtocolError as e:
+                self.sink.bad_payload(self, source, destination, session, e)
+                return
             self.sink.data_received(self, source, destination, session, ptype, payload)
         elif frame and frame[0] == FrameKind.CONTROL:
             self._control_received(HARBOR_CODEC.decode(frame[1:]))
+        elif not frame:
+            raise ProtocolError("empty frame")
+        elif frame[0] == _DATA:
+            raise ProtocolError("data before the handshake")
         else:
-            raise ProtocolError("data before the handshake" if frame else "empty frame")
+            raise ProtocolError(f"unknown frame kind {frame[0]}")
 
     def connectionLost(self, reason: Failure = _CLOSED) -> None:
         if self.registry is not None:
@@ -153,6 +165,12 @@ class HarborLink(FrameProtocol):
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
             raise ProtocolError(f"unexpected {type(message).__name__} on an up link")
+        if isinstance(message, LinkRefused):
+            self._lost_reason = HandshakeRefused(f"peer refused the link: {message.reason}")
+            self.log.warn("{peer} refused the link: {reason}",
+                          peer=self.transport.getPeer(), reason=message.reason)  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
         try:
             step = self._handshake.receive(message)
         except HandshakeRefused as e:
@@ -212,6 +230,8 @@ class HarborLink(FrameProtocol):
 @attrs.define
 class HarborLinkFactory(Factory):
     """Builds links for one node: accepting ones, or a dialer meant for ``expect_harbor``."""
+
+    noisy = False  # the links log up and down themselves
 
     config: LinkConfig
     sink: IMessageSink

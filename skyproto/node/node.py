@@ -22,6 +22,7 @@ from ..address import LOCAL_MAX, check_handle, format_handle, harbor_of, local_o
 from ..errors import (
     CallError,
     ConfigurationError,
+    FrameTooLarge,
     HarborDown,
     NoSuchService,
     RemoteError,
@@ -83,7 +84,7 @@ class Node:
         self.config = LinkConfig(harbor, self.incarnation, secret, heartbeat_interval,
                                  heartbeat_timeout, max_frame=max_frame)
         self.router = Router(reactor, self.config, self._deliver, self._harbor_lost,
-                             max_queue=max_queue)
+                             self._undeliverable, max_queue=max_queue)
         self.services: dict[int, IServiceBehaviour] = {}
         self.names: dict[str, int] = {}
         self._next_local = NODE_LOCAL_ID + 1
@@ -119,9 +120,10 @@ class Node:
 
     def kill(self, handle: int) -> None:
         """Remove a local service; its names go with it."""
-        service = self.services.pop(local_of(handle), None)
-        if service is None or harbor_of(handle) != self.harbor:
+        service = self.services.get(local_of(handle)) if harbor_of(handle) == self.harbor else None
+        if service is None or local_of(handle) == NODE_LOCAL_ID:
             raise NoSuchService(f"no service {format_handle(handle)} on harbor {self.harbor}")
+        del self.services[local_of(handle)]
         for name in [n for n, h in self.names.items() if h == handle]:
             del self.names[name]
         stopped = getattr(service, "stopped", None)
@@ -194,14 +196,15 @@ class Node:
     def _deliver(self, source: int, destination: int, session: int, ptype: int,
                  payload: Any) -> None:
         if session > 0:
+            harbor = source >> 24  # a reply only completes a call that went to its harbor
             if ptype == _ERROR:
-                self.sessions.fail(session, error_from_payload(payload))
+                self.sessions.fail(session, error_from_payload(payload), harbor)
             else:
-                self.sessions.resolve(session, payload)
+                self.sessions.resolve(session, payload, harbor)
             return
         service = self.services.get(destination & 0xFFFFFF)
         if service is None or destination >> 24 != self.harbor:
-            error = NoSuchService(f"no service {destination:#010x} on harbor {self.harbor}")
+            error = NoSuchService(f"no service {format_handle(destination)}")
             if session:
                 self._reply(destination, source, -session, _ERROR,
                             ["nosuchservice", "NoSuchService", str(error)])
@@ -224,6 +227,15 @@ class Node:
         elif session:
             self._reply(destination, source, -session, _NORMAL, result)
 
+    def _undeliverable(self, source: int, destination: int, session: int,
+                       error: Exception) -> None:
+        """A message whose payload could not be read: fail it alone, not the link."""
+        remote = RemoteError("ProtocolError", f"unreadable payload: {error}")
+        if session < 0:
+            self._reply(destination, source, -session, _ERROR, error_payload(remote))
+        elif session > 0:
+            self.sessions.fail(session, remote, source >> 24)
+
     def _handler_done(self, result: Any, me: int, caller: int, session: int) -> None:
         if session:
             self._reply(me, caller, -session, _NORMAL, result)
@@ -239,7 +251,7 @@ class Node:
                payload: Any) -> None:
         try:
             self._route(source, destination, session, ptype, payload)
-        except TypeError as e:  # the handler returned something CBOR cannot carry
+        except (TypeError, FrameTooLarge) as e:  # a reply CBOR cannot carry, or too large
             self._route(source, destination, session, _ERROR, error_payload(e))
         except Exception as e:
             self.log.info("reply to {caller} lost: {error}", caller=format_handle(destination),

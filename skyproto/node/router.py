@@ -28,6 +28,7 @@ from ..wire.codec import DATA_HEADER, encode_cbor
 Message = tuple[int, int, int, int, Any]  # source, destination, session, type, payload
 Deliver = Callable[[int, int, int, int, Any], None]
 HarborLost = Callable[[int, BaseException], None]
+Undeliverable = Callable[[int, int, int, Exception], None]
 
 
 @attrs.define
@@ -61,6 +62,7 @@ class Router:
         config: LinkConfig,
         deliver: Deliver,
         harbor_lost: HarborLost,
+        undeliverable: Undeliverable,
         max_queue: int = 1000,
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
@@ -71,6 +73,7 @@ class Router:
         self.config = config
         self.deliver = deliver
         self.harbor_lost = harbor_lost
+        self.undeliverable = undeliverable
         self.max_queue = max_queue
         self.retry_initial = retry_initial
         self.retry_max = retry_max
@@ -179,6 +182,12 @@ class Router:
     def data_received(self, link: IHarborLink, source: int, destination: int, session: int,
                       ptype: int, payload: Any) -> None:
         self.deliver(source, destination, session, ptype, payload)
+
+    def bad_payload(self, link: IHarborLink, source: int, destination: int, session: int,
+                    error: Exception) -> None:
+        self.log.warn("unreadable payload from {source:#010x} on harbor {harbor}: {error}",
+                      source=source, harbor=link.peer_harbor, error=error)
+        self.undeliverable(source, destination, session, error)
 
     # --- dialing -----------------------------------------------------------------------
 

@@ -253,6 +253,7 @@ class PayloadType(enum.IntEnum):
 DATA_HEADER: Final = struct.Struct(">BIIiB")
 _PACK_WITH_LENGTH: Final = struct.Struct(">IBIIiB")
 SESSION_MAX: Final = 2**31 - 1
+_MAX_PTYPE: Final = max(PayloadType)
 
 
 def decode_payload(data: bytes) -> Any:
@@ -269,11 +270,22 @@ def encode_data_frame(
     ) + payload
 
 
-def decode_data_frame(frame: bytes) -> tuple[int, int, int, int, Any]:
-    """(source, destination, session, type, payload) of a DATA frame (prefix removed)."""
+def decode_data_header(frame: bytes) -> tuple[int, int, int, int]:
+    """(source, destination, session, type) of a DATA frame (prefix removed).
+
+    The payload (``frame[DATA_HEADER.size:]``) is decoded separately, so that a payload
+    the receiver cannot read fails that one message, not the whole link.
+    """
     if len(frame) < DATA_HEADER.size:
         raise ProtocolError(f"data frame of {len(frame)} bytes is shorter than its header")
     _, source, destination, session, ptype = DATA_HEADER.unpack_from(frame)
     if session == -(2**31):
         raise ProtocolError("session -2**31 is out of range")
-    return source, destination, session, ptype, decode_payload(frame[DATA_HEADER.size:])
+    if ptype > _MAX_PTYPE:
+        raise ProtocolError(f"unknown payload type {ptype}")
+    return source, destination, session, ptype
+
+
+def decode_data_frame(frame: bytes) -> tuple[int, int, int, int, Any]:
+    """(source, destination, session, type, payload) of a DATA frame (prefix removed)."""
+    return (*decode_data_header(frame), decode_payload(frame[DATA_HEADER.size:]))

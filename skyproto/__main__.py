@@ -1,0 +1,7 @@
+"""``python -m skyproto``: the console tool."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""Real twistd daemons for the process tests: started, watched through their logs, killed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from twisted.internet.task import deferLater
+
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+T = TypeVar("T")
+
+
+class Daemon:
+    """One ``twistd -n`` process whose output goes to a log file we can search."""
+
+    def __init__(self, args: list[str], workdir: Path, name: str) -> None:
+        self.log_path = workdir / f"{name}.log"
+        self.name = name
+        log = self.log_path.open("wb")
+        env = dict(os.environ, HOME=str(workdir), PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", *args],
+            cwd=workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
+        log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def search(self, pattern: str) -> re.Match[str] | None:
+        return re.search(pattern, self.output())
+
+    def search_all(self, pattern: str) -> list[str]:
+        return re.findall(pattern, self.output())
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not gone within 10 s."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., Daemon]]:
+    """Start daemons in a short temp dir (UNIX socket paths are short); kill all at the end."""
+    workdir = Path(tempfile.mkdtemp(prefix="sky"))
+    started: list[Daemon] = []
+    secret = workdir / "cookie"
+    secret.write_text("process-test-secret\n")
+    secret.chmod(0o600)
+
+    def start(*args: str, name: str | None = None) -> Daemon:
+        daemon = Daemon(list(args), workdir, name or f"d{len(started)}")
+        started.append(daemon)
+        return daemon
+
+    start.workdir = workdir  # type: ignore[attr-defined]
+    start.secret = secret  # type: ignore[attr-defined]
+    yield start
+    for daemon in started:
+        daemon.stop()
+    for path in workdir.iterdir():
+        path.unlink()
+    workdir.rmdir()
+
+
+async def wait_for(condition: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
+    """Poll ``condition`` on the running reactor until it is truthy, failing after ``timeout``."""
+    from twisted.internet import reactor
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+async def wait_for_line(daemon: Daemon, pattern: str, timeout: float = 15.0) -> re.Match[str]:
+    def found() -> re.Match[str] | None:
+        if daemon.process.poll() is not None and not daemon.search(pattern):
+            raise AssertionError(f"{daemon.name} exited:\n{daemon.output()}")
+        return daemon.search(pattern)
+
+    return await wait_for(found, f"{pattern!r} in {daemon.name}'s log", timeout)
+
+
+def run_twistd(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a twistd command that should exit by itself (a user mistake)."""
+    env: dict[str, Any] = dict(os.environ, HOME=str(cwd))
+    return subprocess.run(
+        [TWISTD, "-n", "--pidfile=", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+    )
