@@ -26,7 +26,8 @@ def marked_command(marker: str) -> str:
 def test_test_command_is_the_one_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     assert "ci:test-command" in ci
-    assert marked_command("ci:test-command") == "python -m pip install -e '.[test]' && python -m pytest"
+    expected = "python -m pip install -e '.[test]' && python -m pytest"
+    assert marked_command("ci:test-command") == expected
 
 
 @pytest.mark.process
@@ -41,4 +42,6 @@ async def test_main_command_starts_a_node(daemons):
     args = [re.sub(r"^tcp:7001:", "tcp:0:", a) for a in args[3:]]
     node = daemons(*args, "--secret-file", str(daemons.secret), name="readme")
     await wait_for_line(node, r"service Echo is :01000002 \(ECHO\)")
-    await wait_for_line(node, r"skynode alpha@\S+ is harbor 1, .* listening on tcp:127\.0\.0\.1:\d+")
+    await wait_for_line(
+        node, r"skynode alpha@\S+ is harbor 1, .* listening on tcp:127\.0\.0\.1:\d+"
+    )
