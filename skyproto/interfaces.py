@@ -125,14 +125,27 @@ class IPortMapper(Interface):
 class IMapperClient(Interface):
     """Talks EPMD to a mapper (ours or a genuine epmd)."""
 
-    def register(name: str, port: int, extra: bytes = b"") -> Any:
-        """Deferred of the creation; the registration lives while the connection does."""
+    def register(
+        name: str,
+        port: int,
+        extra: bytes = b"",
+        node_type: int = 77,
+        high: int = 6,
+        low: int = 6,
+        protocol: int = 0,
+    ) -> Any:
+        """Deferred of a registration handle (``creation``, ``unregister()``,
+        ``when_lost()``); the registration lives exactly as long as its connection."""
 
     def port_please(name: str) -> Any:
-        """Deferred of the registration for ``name``, or None if it is not registered."""
+        """Deferred of the PORT2 record for ``name`` (no creation: the wire has none),
+        or None if it is not registered."""
 
     def names() -> Any:
         """Deferred of the (name, port) pairs the mapper lists."""
+
+    def names_reply() -> Any:
+        """Deferred of the whole NAMES reply, including the mapper's own port."""
 
 
 class IServiceBehaviour(Interface):

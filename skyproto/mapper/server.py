@@ -1,0 +1,397 @@
+"""The mapper daemon's Twisted side: thin adapters between sockets, the codec and the table.
+
+One :class:`MapperServerFactory` serves any number of listening ports (IPv4, IPv6, UNIX,
+loopback) over one :class:`~skyproto.mapper.table.MapperTable`. Each connection carries
+exactly one EPMD request (EPMD.md section 1). An ALIVE2_REQ keeps its connection open and
+the registration lives exactly as long as it; every other request is answered and
+closed. Malformed input closes only that connection, with a logged reason. The reactor
+(for the idle timeout) is injected, never imported.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable, Mapping
+from typing import Final
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .epmd import (
+    KILL_NO,
+    KILL_OK,
+    STOP_NOEXIST,
+    STOP_STOPPED,
+    Alive2RefusedError,
+    Alive2Request,
+    DumpRequest,
+    EpmdError,
+    KillRequest,
+    NamesRequest,
+    PortPlease2Request,
+    Request,
+    RequestReader,
+    StopRequest,
+    alive2_reply,
+    encode_dump_reply,
+    encode_names_reply,
+    encode_reply,
+)
+from .table import MapperTable
+
+__all__ = [
+    "DEFAULT_PACKET_TIMEOUT",
+    "RELAXED_ENV",
+    "MapperServerFactory",
+    "MapperServerProtocol",
+    "describe_address",
+    "is_local_peer",
+    "relaxed_from_environ",
+]
+
+#: epmd's default ``-packet_timeout``: idle, unregistered connections are closed after it.
+DEFAULT_PACKET_TIMEOUT: Final = 60.0
+#: Setting this variable (to anything) turns relaxed command checking on, as for epmd.
+RELAXED_ENV: Final = "ERL_EPMD_RELAXED_COMMAND_CHECK"
+
+_READING: Final = "reading"
+_REGISTERED: Final = "registered"
+_REFUSED: Final = "refused"
+_CLOSING: Final = "closing"
+
+
+def relaxed_from_environ(environ: Mapping[str, str]) -> bool:
+    """True if ``ERL_EPMD_RELAXED_COMMAND_CHECK`` is set in ``environ`` (to any value)."""
+    return RELAXED_ENV in environ
+
+
+def is_local_peer(peer: IAddress, host: IAddress) -> bool:
+    """Whether epmd would treat ``peer`` as local (allowed ALIVE2, DUMP, KILL, STOP).
+
+    Loopback (127.0.0.0/8, ::1, and IPv4-mapped 127.x), or the same address as our side
+    of the socket. UNIX sockets, ``loopback:`` and other non-IP transports are local.
+    """
+    if not isinstance(peer, IPv4Address | IPv6Address):
+        return True
+    peer_ip = _ip(peer.host)
+    if peer_ip is None:
+        return False
+    if peer_ip.is_loopback:
+        return True
+    if isinstance(peer_ip, ipaddress.IPv6Address):
+        mapped = peer_ip.ipv4_mapped
+        if mapped is not None and mapped.is_loopback:
+            return True
+    if isinstance(host, IPv4Address | IPv6Address):
+        return _ip(host.host) == peer_ip
+    return False
+
+
+def describe_address(address: IAddress) -> str:
+    """``host:port`` for IP addresses (``[host]:port`` for IPv6), else the address's repr."""
+    if isinstance(address, IPv4Address):
+        return f"{address.host}:{address.port}"
+    if isinstance(address, IPv6Address):
+        return f"[{address.host}]:{address.port}"
+    return str(address)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+class MapperServerProtocol(Protocol):
+    """One connection to the mapper: reads its single request and acts on it.
+
+    States: reading (subject to the idle timeout), registered (ALIVE2 accepted: any byte or the
+    close unregisters), refused (ALIVE2 error reply sent: kept open, unregistered, as epmd
+    does), closing (answered; further bytes are ignored).
+    """
+
+    log = Logger()
+
+    def __init__(self, factory: MapperServerFactory) -> None:
+        self.factory = factory
+        self.state = _READING
+        self.registered: str | None = None
+        self.fd = -1
+        self.last_activity = 0.0
+        self._reader = RequestReader()
+        self._kill_requested = False
+
+    def connectionMade(self) -> None:
+        # Kept lean: a mapper serves many one-request connections. No TCP_NODELAY: every
+        # reply is a single write followed by a close, so Nagle never holds anything back.
+        self._reader.local = self._is_local
+        self.last_activity = self.factory.clock.seconds()
+        self.factory.connection_opened(self)
+
+    def _is_local(self) -> bool:
+        """Section 2 rule 1, evaluated only for the requests that need it."""
+        transport = self.transport
+        assert transport is not None
+        peer = transport.getPeer()
+        if isinstance(peer, IPv4Address) and peer.host.startswith("127."):
+            return True
+        return is_local_peer(peer, transport.getHost())
+
+    @property
+    def peer(self) -> str:
+        """The peer's address, for log messages."""
+        transport = self.transport
+        return "?" if transport is None else describe_address(transport.getPeer())
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self.state
+        if state is _READING:
+            try:
+                request = self._reader.feed(data)
+            except Alive2RefusedError as e:
+                self._refuse(e.reason, e.reply)
+                return
+            except EpmdError as e:
+                self._drop(str(e))
+                return
+            if request is None:
+                self.last_activity = self.factory.clock.seconds()
+                return
+            self.factory.request_received(self)
+            self._handle(request)
+        elif state is _REGISTERED or state is _REFUSED:
+            self._drop(f"got {len(data)} more bytes than expected on ALIVE socket")
+        # _CLOSING: the request was answered; the connection is on its way out.
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._release()
+        self.state = _CLOSING
+        self.factory.connection_closed(self)
+        if self._kill_requested:
+            self._kill_requested = False
+            self.factory.killed()
+
+    # ------------------------------------------------------------------ requests
+
+    def _handle(self, request: Request) -> None:
+        factory = self.factory
+        table = factory.table
+        if isinstance(request, PortPlease2Request):
+            self._answer(table.port2_reply(request.name))
+        elif isinstance(request, Alive2Request):
+            self._register(request)
+        elif isinstance(request, NamesRequest):
+            self._answer(encode_names_reply(factory.port, table.name_ports()))
+        elif isinstance(request, DumpRequest):
+            active, unused = table.dump()
+            self._answer(encode_dump_reply(factory.port, active, unused))
+        elif isinstance(request, KillRequest):
+            if not factory.relaxed and len(table):
+                self.log.info("refusing KILL_REQ from {peer}: live nodes", peer=self.peer)
+                self._answer(KILL_NO)
+            else:
+                self.log.info("KILL_REQ from {peer}: stopping", peer=self.peer)
+                self._kill_requested = True
+                self._answer(KILL_OK)
+        else:
+            self._stop(request)
+
+    def _register(self, request: Alive2Request) -> None:
+        self.fd = self.factory.descriptor(self.transport)
+        registration = self.factory.table.register(
+            request.name,
+            request.port,
+            request.node_type,
+            request.protocol,
+            request.high,
+            request.low,
+            request.extra,
+            fd=self.fd,
+        )
+        if registration is None:
+            reason = f"node name {request.name!r} is already registered"
+            self._refuse(reason, encode_reply(alive2_reply(request.high, None)))
+            return
+        self.state = _REGISTERED
+        self.registered = request.name
+        self.factory.node_registered(request.name, self)
+        assert self.transport is not None
+        self.transport.write(encode_reply(alive2_reply(request.high, registration.creation)))
+        self.log.info(
+            "registered {name} at port {port} with creation {creation} for {peer}",
+            name=request.name,
+            port=request.port,
+            creation=registration.creation,
+            peer=self.peer,
+        )
+
+    def _stop(self, request: StopRequest) -> None:
+        if not self.factory.relaxed:
+            self._drop(f"STOP_REQ for {request.name!r} without relaxed command check")
+            return
+        if self.factory.stop_node(request.name):
+            self.log.info("stopped {name} for {peer}", name=request.name, peer=self.peer)
+            self._answer(STOP_STOPPED)
+        else:
+            self._answer(STOP_NOEXIST + STOP_STOPPED)  # what real epmd sends [observed]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _answer(self, reply: bytes) -> None:
+        """Send the whole reply in one write, then close (the reply ends at the close)."""
+        self.state = _CLOSING
+        transport = self.transport
+        assert transport is not None
+        transport.write(reply)
+        transport.loseConnection()
+
+    def _refuse(self, reason: str, reply: bytes) -> None:
+        """Send an ALIVE2 error reply and keep the connection open, unregistered, like epmd."""
+        self.factory.request_received(self)  # exempt from the idle timeout from now on
+        self.state = _REFUSED
+        self.log.info("refused ALIVE2_REQ from {peer}: {reason}", peer=self.peer, reason=reason)
+        assert self.transport is not None
+        self.transport.write(reply)
+
+    def _drop(self, reason: str) -> None:
+        """Close this connection (only this one) without a reply, logging why."""
+        self.factory.request_received(self)
+        self._release()
+        self.state = _CLOSING
+        self.log.info("closing {peer}: {reason}", peer=self.peer, reason=reason)
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def timed_out(self) -> None:
+        """The factory's sweep found this connection idle for packet_timeout seconds."""
+        if self.state is _READING:
+            self._drop(
+                f"no complete request within {self.factory.packet_timeout:g} s "
+                f"({self._reader.buffered} bytes buffered)"
+            )
+
+    def _release(self) -> None:
+        """Unregister this connection's name, if it holds one."""
+        name, self.registered = self.registered, None
+        if name is not None:
+            self.factory.node_unregistered(name, self)
+
+    def unregistered_by_stop(self) -> None:
+        """STOP_REQ removed our name: forget it and close the registration socket."""
+        self.registered = None
+        self.state = _CLOSING
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class MapperServerFactory(Factory):
+    """Serves EPMD on every port it listens on, over one shared :class:`MapperTable`.
+
+    ``port`` is the number reported in NAMES/DUMP headers (Erlang's ``net_adm:names``
+    insists it equals its own epmd port): pass the port you listen on, or set the
+    attribute after listening on port 0. ``relaxed`` is epmd's
+    ``-relaxed_command_check`` (see :func:`relaxed_from_environ`); ``on_kill`` is called
+    after an accepted KILL_REQ has been answered (the daemon should then exit).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        port: int,
+        *,
+        table: MapperTable | None = None,
+        relaxed: bool = False,
+        packet_timeout: float = DEFAULT_PACKET_TIMEOUT,
+        on_kill: Callable[[], object] | None = None,
+    ) -> None:
+        if packet_timeout <= 0:
+            raise ValueError("packet_timeout must be positive")
+        self.clock = reactor
+        self.port = port
+        self.table = table if table is not None else MapperTable(reactor.seconds)
+        self.relaxed = relaxed
+        self.packet_timeout = packet_timeout
+        self.on_kill = on_kill
+        self.connections: set[MapperServerProtocol] = set()
+        self._nodes: dict[str, MapperServerProtocol] = {}
+        self._serial = 0
+        # Connections still reading their request, swept for idleness like epmd does:
+        # every second if packet_timeout < 5, else every 5 seconds.
+        self._reading: set[MapperServerProtocol] = set()
+        self._sweep_interval = min(packet_timeout, 1.0 if packet_timeout < 5 else 5.0)
+        self._sweeper: IDelayedCall | None = None
+
+    def buildProtocol(self, addr: IAddress | None) -> MapperServerProtocol:
+        return MapperServerProtocol(self)
+
+    def descriptor(self, transport: object) -> int:
+        """The socket's file descriptor (shown by DUMP), or a serial number for non-sockets."""
+        get_handle = getattr(transport, "getHandle", None)
+        if get_handle is not None:
+            handle = get_handle()
+            if isinstance(handle, socket.socket):
+                return handle.fileno()
+        self._serial += 1
+        return -self._serial
+
+    def connection_opened(self, protocol: MapperServerProtocol) -> None:
+        self.connections.add(protocol)
+        self._reading.add(protocol)
+        if self._sweeper is None:
+            self._sweeper = self.clock.callLater(self._sweep_interval, self._sweep)
+
+    def request_received(self, protocol: MapperServerProtocol) -> None:
+        """``protocol`` is done reading: it is no longer subject to the idle timeout."""
+        self._reading.discard(protocol)
+
+    def connection_closed(self, protocol: MapperServerProtocol) -> None:
+        self.connections.discard(protocol)
+        self._reading.discard(protocol)
+
+    def _sweep(self) -> None:
+        """Close connections idle for packet_timeout; run again while any are reading."""
+        self._sweeper = None
+        deadline = self.clock.seconds() - self.packet_timeout
+        for protocol in [p for p in self._reading if p.last_activity <= deadline]:
+            protocol.timed_out()
+        if self._reading:
+            self._sweeper = self.clock.callLater(self._sweep_interval, self._sweep)
+
+    def stopFactory(self) -> None:
+        """The last listening port closed: stop sweeping (open connections stay served)."""
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None and sweeper.active():
+            sweeper.cancel()
+
+    def node_registered(self, name: str, protocol: MapperServerProtocol) -> None:
+        self._nodes[name] = protocol
+
+    def node_unregistered(self, name: str, protocol: MapperServerProtocol) -> None:
+        """The registration connection of ``name`` ended: the name goes with it."""
+        if self._nodes.get(name) is protocol:
+            del self._nodes[name]
+            self.table.unregister(name)
+            self.log.info("unregistered {name} ({peer})", name=name, peer=protocol.peer)
+
+    def stop_node(self, name: str) -> bool:
+        """STOP_REQ: unregister ``name`` now and close its registration socket."""
+        if not self.table.unregister(name):
+            return False
+        protocol = self._nodes.pop(name, None)
+        if protocol is not None:
+            protocol.unregistered_by_stop()
+        return True
+
+    def killed(self) -> None:
+        """An accepted KILL_REQ has been answered and closed: hand over to ``on_kill``."""
+        if self.on_kill is None:
+            self.log.warn("KILL_REQ accepted but no on_kill handler is set: carrying on")
+            return
+        self.on_kill()
