@@ -1,28 +1,86 @@
-"""The ``skyproto`` console tool (also ``python -m skyproto``)."""
+"""The ``skyproto`` console tool (also ``python -m skyproto``).
+
+The only module besides ``tap.py`` that touches the global reactor. User mistakes and
+unreachable peers are one line on stderr and exit status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from . import __version__
+from .errors import ConfigurationError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="skyproto", description="Inspect a skyproto cluster."
-    )
+    parser = argparse.ArgumentParser(prog="skyproto", description="Inspect a skyproto cluster.")
     parser.add_argument("--version", action="version", version=f"skyproto {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    names = commands.add_parser("names", help="list a mapper's registrations, like epmd -names")
+    names.add_argument("--mapper", metavar="ENDPOINT",
+                       help="the mapper (default tcp:127.0.0.1:$ERL_EPMD_PORT, or 4369)")
+    names.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     commands.add_parser("status", help="list live harbors and global names (with issue 4)")
-    commands.add_parser("names", help="list a mapper's registrations (with issue 5)")
     return parser
+
+
+async def show_names(reactor: Any, endpoint: str, timeout: float) -> None:
+    from twisted.internet.endpoints import clientFromString
+
+    from .mapper.client import MapperClient
+
+    try:
+        client_endpoint = clientFromString(reactor, endpoint)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigurationError(f"bad mapper endpoint {endpoint!r}: {e}") from None
+    reply = await MapperClient(reactor, client_endpoint, timeout=timeout).names_reply()
+    print(f"epmd: up and running on port {reply.epmd_port} with data:")
+    for name, port in reply.nodes:
+        print(f"name {name} at port {port}")
+
+
+def run_on_reactor(job: Callable[[Any], Coroutine[Any, Any, None]], what: str) -> int:
+    """Run one coroutine on the global reactor; a failure is one line, exit status 1."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    status: list[int] = []
+
+    def failed(failure: Any) -> None:
+        status.append(1)
+        print(f"skyproto: error: {what}: {failure.getErrorMessage()}", file=sys.stderr)
+
+    def finish(_: object) -> None:
+        reactor.stop()
+
+    def start() -> None:
+        done = Deferred.fromCoroutine(job(reactor))
+        done.addCallbacks(lambda _: status.append(0), failed)
+        done.addBoth(finish)
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    return status[0] if status else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; user mistakes are one line on stderr and exit status 1 or 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "names":
+        from .tap import mapper_port
+
+        try:
+            endpoint = args.mapper or f"tcp:127.0.0.1:{mapper_port(os.environ)}"
+        except ConfigurationError as e:
+            print(f"skyproto: error: {e}", file=sys.stderr)
+            return 1
+        return run_on_reactor(lambda reactor: show_names(reactor, endpoint, args.timeout),
+                              f"cannot list names at {endpoint}")
     if args.command is None:
         parser.print_help()
         return 2

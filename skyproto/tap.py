@@ -7,11 +7,17 @@ file, endpoints, services, a port already taken) in the ``make_*`` functions.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from twisted.application.service import IService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
@@ -20,6 +26,8 @@ from twisted.python.failure import Failure
 from .address import NodeName, check_harbor, format_handle
 from .auth import load_secret
 from .errors import AddressError, ConfigurationError
+from .mapper.epmd import DEFAULT_PORT as EPMD_PORT
+from .mapper.server import MapperServerFactory, relaxed_from_environ
 from .node.node import Node
 from .services import load_service_class
 from .wire.framing import DEFAULT_MAX_FRAME
@@ -65,10 +73,35 @@ class MasterOptions(OneLineOptions):
     program = "skymaster"
 
 
+def mapper_port(environ: Mapping[str, str]) -> int:
+    """The mapper's port: ``ERL_EPMD_PORT`` if set (as epmd and erl read it), else 4369."""
+    text = environ.get("ERL_EPMD_PORT", "")
+    if not text:
+        return EPMD_PORT
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigurationError(f"ERL_EPMD_PORT must be a port number, not {text!r}")
+    return int(text)
+
+
 class MapperOptions(OneLineOptions):
     """Options for ``twistd skymapper``."""
 
     program = "skymapper"
+    synopsis = "[options]"
+    longdesc = (
+        "Run an epmd-compatible port mapper. It listens on 127.0.0.1 unless --listen says "
+        "otherwise: give --listen tcp:4369 to answer other hosts' lookups, as epmd does."
+    )
+    optParameters = [
+        ["listen", None, None,
+         "Endpoint to listen on (default tcp:$ERL_EPMD_PORT or tcp:4369, on 127.0.0.1)."],
+        ["packet-timeout", None, 60.0,
+         "Seconds an idle, unregistered connection may stay open.", _positive_float],
+    ]
+    optFlags = [
+        ["relaxed-command-check", None,
+         "Allow KILL and STOP (also set by ERL_EPMD_RELAXED_COMMAND_CHECK)."],
+    ]
 
 
 class NodeOptions(OneLineOptions):
@@ -142,15 +175,28 @@ def describe_address(port: IListeningPort) -> str:
     return str(host)
 
 
-def listen_now(listening: Deferred[IListeningPort], what: str, program: str) -> IListeningPort:
-    """The port of a listen that TCP/UNIX endpoints complete at once; exit if it failed."""
+def listen_at_once(listening: Deferred[IListeningPort], what: str,
+                   program: str) -> IListeningPort | Failure:
+    """The result of a listen that endpoints like tcp: and unix: complete at once."""
     box: list[IListeningPort | Failure] = []
     listening.addBoth(box.append)
     if not box:
         exit_with(f"{what} did not start listening at once", program)
-    if isinstance(box[0], Failure):
-        exit_with(f"cannot listen on {what}: {box[0].getErrorMessage()}", program)
     return box[0]
+
+
+def listen_now(listening: Deferred[IListeningPort], what: str, program: str) -> IListeningPort:
+    """The listening port, or exit with one line saying why there is none."""
+    result = listen_at_once(listening, what, program)
+    if isinstance(result, Failure):
+        exit_with(f"cannot listen on {what}: {result.getErrorMessage()}", program)
+    return result
+
+
+def already_in_use(result: IListeningPort | Failure) -> bool:
+    error = result.value if isinstance(result, Failure) else None
+    return isinstance(error, CannotListenError) and getattr(
+        error.socketError, "errno", None) == errno.EADDRINUSE
 
 
 class NodeService(Service):
@@ -210,5 +256,47 @@ def make_master_service(options: MasterOptions) -> IService:
     exit_with("not yet: the master name service lands with issue 4", "skymaster")
 
 
+class ListeningService(Service):
+    """Stops listening when twistd stops."""
+
+    def __init__(self, port: IListeningPort) -> None:
+        self.port = port
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return self.port.stopListening()
+
+
 def make_mapper_service(options: MapperOptions) -> IService:
-    exit_with("not yet: the port mapper lands with issue 5", "skymapper")
+    from twisted.internet import reactor
+
+    program = "skymapper"
+    try:
+        port_number = mapper_port(os.environ)
+    except ConfigurationError as e:
+        exit_with(str(e), program)
+    listen = options["listen"] or f"tcp:{port_number}:interface=127.0.0.1"
+    factory = MapperServerFactory(
+        reactor, port_number,
+        relaxed=options["relaxed-command-check"] or relaxed_from_environ(os.environ),
+        packet_timeout=options["packet-timeout"],
+        on_kill=reactor.stop,
+    )
+    try:
+        server = serverFromString(reactor, listen)
+    except (ValueError, KeyError, TypeError) as e:
+        exit_with(f"bad listen endpoint {listen!r}: {e}", program)
+    result = listen_at_once(server.listen(factory), listen, program)
+    if already_in_use(result):
+        # epmd's own behaviour: another mapper already serves this host, and that is fine
+        print(f"{program}: there is already a mapper running at {listen}", file=sys.stderr)
+        raise SystemExit(0)
+    if isinstance(result, Failure):
+        exit_with(f"cannot listen on {listen}: {result.getErrorMessage()}", program)
+    port = result
+    host = port.getHost()
+    if isinstance(host, IPv4Address | IPv6Address):
+        factory.port = host.port  # NAMES must report the port we really listen on
+    log.info("skymapper listening on {address} (relaxed command check: {relaxed})",
+             address=describe_address(port), relaxed=factory.relaxed)
+    return ListeningService(port)
