@@ -56,6 +56,18 @@ class QueueFull(CallError):
     """A bounded outbound queue (to a harbor whose link is coming up) is full."""
 
 
+class MasterUnavailable(CallError):
+    """The master could not be reached within the bounded wait; nothing was changed."""
+
+
+class NameConflict(SkyprotoError):
+    """The master refused a name operation (taken by another handle, not ours, ...)."""
+
+
+class JoinRefused(SkyprotoError):
+    """The master refused this node (harbor id held by a live node, bad secret, version)."""
+
+
 class RemoteError(CallError):
     """The remote handler raised; carries the remote exception's type name and message."""
 

@@ -81,6 +81,25 @@ class IRegistry(Interface):
     def snapshot() -> Any:
         """The whole table and its sequence number."""
 
+    def lookup(name: str) -> int | None:
+        """The handle bound to a global name, or None."""
+
+    def join(harbor: int, node: str, endpoint: str, incarnation: int, names: Any,
+             now: float) -> Any:
+        """Admit a node (harbor 0: assign one) and re-bind the names it holds.
+
+        Returns the harbor, the names refused (taken by others) and the events; raises
+        RegistryRefusal if the harbor id is held by a live node."""
+
+    def leave(harbor: int, incarnation: int, reason: str) -> Any:
+        """Remove a dead harbor (that incarnation only) and its names; returns the events."""
+
+    def bind(name: str, handle: int, requester: int) -> Any:
+        """Bind a global name (first writer wins); returns the events or raises."""
+
+    def unbind(name: str, requester: int) -> Any:
+        """Remove a global name owned by the requester's harbor; returns the events."""
+
 
 class IMasterService(Interface):
     """The master's side of the name service: accepts nodes, answers hellos, pushes changes."""
@@ -102,6 +121,22 @@ class IMasterClient(Interface):
 
     def lookup_name(name: str) -> Any:
         """Deferred of the handle for ``name`` (cache first, then the master), or None."""
+
+
+class IMasterListener(Interface):
+    """What a master client reports to (the node's cluster membership, a status tool)."""
+
+    def master_table(table: Any, first: bool) -> None:
+        """A whole table: at each welcome (``first`` for the very first) or after a gap."""
+
+    def master_event(event: Any) -> None:
+        """One change, in sequence: harbor joined/left, name bound/unbound."""
+
+    def master_refused(reason: str) -> None:
+        """The master refused us; the client has stopped trying."""
+
+    def master_lost(reason: str) -> None:
+        """The connection to the master is gone; the client is reconnecting."""
 
 
 class IPortMapper(Interface):

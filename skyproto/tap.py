@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from twisted.application.service import IService, Service
@@ -28,6 +28,8 @@ from .auth import load_secret
 from .errors import AddressError, ConfigurationError
 from .mapper.epmd import DEFAULT_PORT as EPMD_PORT
 from .mapper.server import MapperServerFactory, relaxed_from_environ
+from .master.registry import InMemoryRegistry
+from .master.server import MasterService
 from .node.node import Node
 from .services import load_service_class
 from .wire.framing import DEFAULT_MAX_FRAME
@@ -71,6 +73,21 @@ class MasterOptions(OneLineOptions):
     """Options for ``twistd skymaster``."""
 
     program = "skymaster"
+    synopsis = "[options]"
+    longdesc = ("Run the master name service: harbor id -> node, global name -> handle, "
+                "pushed to every node. Nodes re-register by themselves after a restart.")
+    optParameters = [
+        ["listen", None, "tcp:2013:interface=127.0.0.1", "Endpoint to listen on."],
+        ["secret-file", None, "~/.skyproto.cookie",
+         "Cluster secret (created with mode 0600 if missing)."],
+        ["heartbeat-interval", None, 1.0, "Seconds between heartbeats.", _positive_float],
+        ["heartbeat-timeout", None, 3.0, "Seconds of silence before a node is down.",
+         _positive_float],
+    ]
+
+    def postOptions(self) -> None:
+        if self["heartbeat-timeout"] <= self["heartbeat-interval"]:
+            raise usage.UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
 
 
 def mapper_port(environ: Mapping[str, str]) -> int:
@@ -114,8 +131,10 @@ class NodeOptions(OneLineOptions):
         "Static peers (--peer) need no master."
     )
     optParameters = [
-        ["harbor", None, None, "This node's harbor id, 1..255 (required)."],
+        ["harbor", None, None,
+         "This node's harbor id, 1..255, or 'auto' to have the master assign one (required)."],
         ["name", None, None, "Node name, NAME or NAME@HOST (default: harborN@<short host>)."],
+        ["master", None, None, "Endpoint of the master, e.g. tcp:127.0.0.1:2013."],
         ["listen", None, "tcp:0:interface=127.0.0.1",
          "Endpoint where this node accepts harbor links."],
         ["secret-file", None, "~/.skyproto.cookie",
@@ -149,13 +168,20 @@ class NodeOptions(OneLineOptions):
     def postOptions(self) -> None:
         if self["harbor"] is None:
             raise usage.UsageError("--harbor is required")
-        try:
-            self["harbor"] = check_harbor(int(self["harbor"]))
-        except (ValueError, AddressError):
-            raise usage.UsageError(
-                f"--harbor must be an integer from 1 to 255, not {self['harbor']!r}"
-            ) from None
-        name = self["name"] or f"harbor{self['harbor']}"
+        if self["harbor"] == "auto":
+            if self["master"] is None:
+                raise usage.UsageError("--harbor auto needs --master (the master assigns it)")
+            self["harbor"] = 0
+        else:
+            try:
+                self["harbor"] = check_harbor(int(self["harbor"]))
+            except (ValueError, AddressError):
+                raise usage.UsageError(
+                    f"--harbor must be 'auto' or an integer from 1 to 255, "
+                    f"not {self['harbor']!r}"
+                ) from None
+        name = self["name"] or (f"harbor{self['harbor']}" if self["harbor"] else
+                                f"node{os.getpid()}")
         try:
             self["node_name"] = NodeName.parse(name)
         except AddressError as e:
@@ -199,17 +225,35 @@ def already_in_use(result: IListeningPort | Failure) -> bool:
         error.socketError, "errno", None) == errno.EADDRINUSE
 
 
-class NodeService(Service):
-    """Runs a Node: dials the static peers at start, stops the node at stop."""
+def exit_after_shutdown(reactor: Any, message: str, program: str) -> None:
+    """A fatal condition found while running (e.g. the master refused us): one line on
+    stderr, stop the reactor, and exit 1 (twistd itself always exits 0)."""
+    print(f"{program}: error: {message}", file=sys.stderr, flush=True)
 
-    def __init__(self, node: Node, peers: list[tuple[int, str]]) -> None:
+    def leave() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    reactor.addSystemEventTrigger("after", "shutdown", leave)
+    reactor.stop()
+
+
+class NodeService(Service):
+    """Runs a Node: dials the static peers and joins the master at start; stops the node."""
+
+    def __init__(self, node: Node, peers: list[tuple[int, str]],
+                 join: Callable[[], object] | None = None) -> None:
         self.node = node
         self.peers = peers
+        self.join = join
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         for harbor, endpoint in self.peers:
             self.node.add_peer(harbor, endpoint)
+        if self.join is not None:
+            self.join()
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -232,28 +276,67 @@ def make_node_service(options: NodeOptions) -> IService:
         for harbor, _ in options["peers"]:
             if harbor == node.harbor:
                 raise ConfigurationError(f"--peer {harbor}=...: that is this node's own harbor")
+        services = []
         for spec in options["services"]:
             cls = load_service_class(spec)
             try:
-                service = cls()
+                services.append(cls())
             except Exception as e:
                 raise ConfigurationError(f"cannot start service {spec!r}: {e}") from None
-            node.spawn(service)
         port = listen_now(node.listen(options["listen"]), options["listen"], program)
     except ConfigurationError as e:
         exit_with(str(e), program)
-    log.info(
-        "skynode {node} is harbor {harbor}, incarnation {incarnation}, listening on {address}",
-        node=str(options["node_name"]), harbor=node.harbor, incarnation=node.incarnation,
-        address=describe_address(port),
-    )
-    for name, handle in sorted(node.names.items()):
-        log.info("name {name} is {handle}", name=name, handle=format_handle(handle))
-    return NodeService(node, options["peers"])
+    address = describe_address(port)
+
+    def started(harbor: int) -> None:
+        for service in services:
+            node.spawn(service)
+        log.info(
+            "skynode {node} is harbor {harbor}, incarnation {incarnation}, "
+            "listening on {address}",
+            node=str(options["node_name"]), harbor=harbor, incarnation=node.incarnation,
+            address=address,
+        )
+        for name, handle in sorted(node.names.items()):
+            log.info("name {name} is {handle}", name=name, handle=format_handle(handle))
+
+    join = None
+    if options["master"] is not None:
+        master_endpoint = options["master"]
+
+        def join() -> None:
+            try:
+                node.join_master(
+                    master_endpoint, str(options["node_name"]), address,
+                    on_refused=lambda reason: exit_after_shutdown(
+                        reactor, f"the master at {master_endpoint} refused this node: {reason}",
+                        program),
+                    on_joined=None if node.harbor else started)
+            except ConfigurationError as e:
+                exit_after_shutdown(reactor, str(e), program)
+
+    if node.harbor:
+        started(node.harbor)
+    return NodeService(node, options["peers"], join)
 
 
 def make_master_service(options: MasterOptions) -> IService:
-    exit_with("not yet: the master name service lands with issue 4", "skymaster")
+    from twisted.internet import reactor
+
+    program = "skymaster"
+    try:
+        secret = load_secret(options["secret-file"])
+        server = serverFromString(reactor, options["listen"])
+    except ConfigurationError as e:
+        exit_with(str(e), program)
+    except (ValueError, KeyError, TypeError) as e:
+        exit_with(f"bad listen endpoint {options['listen']!r}: {e}", program)
+    master = MasterService(InMemoryRegistry(), reactor, secret,
+                           heartbeat_interval=options["heartbeat-interval"],
+                           heartbeat_timeout=options["heartbeat-timeout"])
+    port = listen_now(server.listen(master), options["listen"], program)
+    log.info("skymaster listening on {address}", address=describe_address(port))
+    return ListeningService(port)
 
 
 class ListeningService(Service):

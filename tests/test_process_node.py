@@ -84,8 +84,8 @@ async def test_unreachable_peer_is_one_clear_line_and_the_node_keeps_running(dae
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--harbor", "0"], "--harbor must be an integer from 1 to 255, not '0'"),
-        (["--harbor", "x1"], "--harbor must be an integer from 1 to 255"),
+        (["--harbor", "0"], "--harbor must be 'auto' or an integer from 1 to 255, not '0'"),
+        (["--harbor", "x1"], "--harbor must be 'auto' or an integer from 1 to 255"),
         ([], "--harbor is required"),
         (["--harbor", "1", "--bogus"], "option --bogus not recognized"),
         (["--harbor", "1", "--peer", "2"], "--peer takes HARBOR=ENDPOINT"),

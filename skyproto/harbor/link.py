@@ -29,6 +29,7 @@ from ..wire.codec import (
     encode_data_frame,
 )
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameProtocol
+from ..wire.heartbeat import HeartbeatTimer
 from .handshake import HandshakeRefused, LinkHandshake
 from .messages import HARBOR_CODEC, Heartbeat, LinkRefused
 
@@ -80,8 +81,8 @@ class HarborLink(FrameProtocol):
             config.secret, config.harbor, config.incarnation, dialer, expect_harbor
         )
         self._timer: IDelayedCall | None = None
-        self._last_heard = 0.0
-        self._next_beat = 0.0
+        self._heartbeat = HeartbeatTimer(clock, config.heartbeat_interval, config.heartbeat_timeout,
+                                    self._beat, self._silent)
         self._lost_reason: BaseException | None = None
 
     @property
@@ -100,7 +101,7 @@ class HarborLink(FrameProtocol):
             self._send_control(hello)
 
     def frame_received(self, frame: bytes) -> None:
-        self._last_heard = self.clock.seconds()
+        self._heartbeat.heard()
         if frame and frame[0] == _DATA and self.up:
             source, destination, session, ptype = decode_data_header(frame)
             if harbor_of(source) != self.peer_harbor:
@@ -126,6 +127,7 @@ class HarborLink(FrameProtocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._heartbeat.stop()
         why = self._lost_reason or reason.value
         if self.up:
             self.up = False
@@ -187,8 +189,8 @@ class HarborLink(FrameProtocol):
             self.up = True
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
-            self._next_beat = self._last_heard + self.config.heartbeat_interval
-            self._timer = self.clock.callLater(self.config.heartbeat_interval, self._tick)
+            self._timer = None
+            self._heartbeat.start()
             self.log.info("harbor {peer} link up (incarnation {incarnation})",
                           peer=self.peer_harbor, incarnation=self.peer_incarnation)
             self.sink.link_up(self)
@@ -204,20 +206,12 @@ class HarborLink(FrameProtocol):
     def _send_control(self, message: object) -> None:
         self.send_frame(_CONTROL + HARBOR_CODEC.encode(message))
 
-    def _tick(self) -> None:
-        """Send a heartbeat when one is due; declare the peer down when its silence is due."""
-        now = self.clock.seconds()
-        silent = now - self._last_heard
-        if silent >= self.config.heartbeat_timeout:
-            self._timer = None
-            self._lost_reason = HarborDown(f"harbor {self.peer_harbor} silent for {silent:.1f} s")
-            self.drop(str(self._lost_reason))
-            return
-        if now >= self._next_beat:
-            self.send_frame(_HEARTBEAT)
-            self._next_beat = now + self.config.heartbeat_interval
-        deadline = min(self._next_beat, self._last_heard + self.config.heartbeat_timeout)
-        self._timer = self.clock.callLater(max(0.0, deadline - now), self._tick)
+    def _beat(self) -> None:
+        self.send_frame(_HEARTBEAT)
+
+    def _silent(self, quiet: float) -> None:
+        self._lost_reason = HarborDown(f"harbor {self.peer_harbor} silent for {quiet:.1f} s")
+        self.drop(str(self._lost_reason))
 
     def _handshake_late(self) -> None:
         self._timer = None

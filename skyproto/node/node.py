@@ -10,9 +10,11 @@ from __future__ import annotations
 import inspect
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+import attrs
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -24,14 +26,17 @@ from ..errors import (
     ConfigurationError,
     FrameTooLarge,
     HarborDown,
+    NameConflict,
     NoSuchService,
     RemoteError,
 )
-from ..harbor.link import LinkConfig
+from ..harbor.link import HarborLinkFactory, LinkConfig
 from ..interfaces import IServiceBehaviour
+from ..master.client import JoinInfo, MasterClient
 from ..session import SessionTable
 from ..wire.codec import PayloadType
 from ..wire.framing import DEFAULT_MAX_FRAME
+from .cluster import ClusterMembership
 from .router import Router
 
 _NORMAL = PayloadType.NORMAL
@@ -76,8 +81,9 @@ class Node:
         max_queue: int = 1000,
     ) -> None:
         self.reactor = reactor
+        #: 0 until the master assigns one (``--harbor auto``); see :meth:`assign_harbor`
         self.harbor = harbor
-        self.handle = make_handle(harbor, NODE_LOCAL_ID)
+        self.handle = make_handle(harbor, NODE_LOCAL_ID) if harbor else 0
         #: new at every start; microseconds of wall time, so a restart always compares newer
         self.incarnation = incarnation if incarnation is not None else time.time_ns() // 1000
         self.sessions = SessionTable(reactor, default_timeout)
@@ -86,16 +92,33 @@ class Node:
         self.router = Router(reactor, self.config, self._deliver, self._harbor_lost,
                              self._undeliverable, max_queue=max_queue)
         self.services: dict[int, IServiceBehaviour] = {}
+        #: names this node bound itself: local (``.x``) ones, and global ones it holds
         self.names: dict[str, int] = {}
+        self.master: MasterClient | None = None
+        self.membership = ClusterMembership(self)
         self._next_local = NODE_LOCAL_ID + 1
         self._inbox: deque[tuple[int, int, int, int, Any]] = deque()
         self._draining = False
         self._ports: list[IListeningPort] = []
+        self._link_factories: list[HarborLinkFactory] = []
 
     # --- services and names ------------------------------------------------------------
 
+    def assign_harbor(self, harbor: int) -> None:
+        """Take the harbor id the master assigned (a node started with harbor 0)."""
+        if self.harbor:
+            raise RuntimeError(f"this node is already harbor {self.harbor}")
+        self.harbor = harbor
+        self.handle = make_handle(harbor, NODE_LOCAL_ID)
+        self.config = attrs.evolve(self.config, harbor=harbor)
+        self.router.config = self.config
+        for factory in self._link_factories:
+            factory.config = self.config
+
     def spawn(self, service: IServiceBehaviour, name: str | None = None) -> int:
         """Give ``service`` a handle (and ``name``, or its ``default_name``); return it."""
+        if not self.harbor:
+            raise RuntimeError("the master has not assigned this node's harbor id yet")
         local = self._next_local
         for _ in range(LOCAL_MAX):
             if local > LOCAL_MAX:
@@ -113,7 +136,9 @@ class Node:
             service.handle = handle
         name = name if name is not None else getattr(service, "default_name", None)
         if name is not None:
-            self.register_name(name, handle)
+            self.register_name(name, handle).addErrback(
+                lambda f: self.log.error("name {name} for {handle}: {why}", name=name,
+                                         handle=format_handle(handle), why=f.getErrorMessage()))
         self.log.info("service {service} is {handle}{named}", service=type(service).__name__,
                       handle=format_handle(handle), named=f" ({name})" if name else "")
         return handle
@@ -130,21 +155,76 @@ class Node:
         if stopped is not None:
             stopped()
 
-    def register_name(self, name: str, handle: int) -> None:
-        """Bind ``name`` to ``handle``. Names starting with ``.`` never leave this node."""
+    def register_name(self, name: str, handle: int) -> Deferred[None]:
+        """Bind ``name`` to ``handle``; fires when done, fails with NameConflict if taken.
+
+        Names starting with ``.`` never leave this node. Other names are global: with a
+        master, the master decides (first writer wins) and every node learns them; the node
+        re-asserts them whenever it joins a (restarted) master. Without a master they are
+        known on this node only.
+        """
         if not name or any(c.isspace() for c in name):
-            raise ConfigurationError(f"a service name is non-empty with no spaces: {name!r}")
+            return _failed(ConfigurationError(
+                f"a service name is non-empty with no spaces: {name!r}"))
         check_handle(handle)
         existing = self.names.get(name)
         if existing is not None and existing != handle:
-            raise ConfigurationError(f"name {name} is already {format_handle(existing)}")
+            return _failed(NameConflict(f"name {name} is already {format_handle(existing)}"))
         self.names[name] = handle
+        if name.startswith(".") or self.master is None:
+            return succeed(None)
+
+        def refused(failure: Failure) -> Failure:
+            if self.names.get(name) == handle:
+                del self.names[name]
+            return failure
+
+        return self.master.register_name(name, handle).addErrback(refused)
+
+    def unregister_name(self, name: str) -> Deferred[None]:
+        """Remove a name this node bound (globally too, when it is a global name)."""
+        handle = self.names.pop(name, None)
+        if handle is None:
+            return _failed(NameConflict(f"name {name} is not bound on this node"))
+        if name.startswith(".") or self.master is None:
+            return succeed(None)
+        return self.master.unregister_name(name)
+
+    def global_names(self) -> dict[str, int]:
+        """The global names this node holds, re-asserted at every join."""
+        return {name: handle for name, handle in self.names.items()
+                if not name.startswith(".") and handle >> 24 == self.harbor}
+
+    def join_master(self, endpoint: str, node_name: str, harbor_endpoint: str,
+                    request_timeout: float = 5.0,
+                    on_refused: Callable[[str], object] | None = None,
+                    on_joined: Callable[[int], object] | None = None) -> MasterClient:
+        """Join the master at ``endpoint`` and keep joined (reconnecting with backoff).
+
+        A node made with harbor 0 asks the master for one; ``on_joined(harbor)`` is called
+        after the first welcome, ``on_refused(reason)`` if the master refuses the node."""
+        self.membership.on_refused = on_refused
+        self.membership.on_joined = on_joined
+        self.master = MasterClient(
+            self.reactor, endpoint, self.config.secret, self.membership,
+            JoinInfo(self.harbor, self.incarnation, node_name, harbor_endpoint),
+            names_to_assert=self.global_names, request_timeout=request_timeout,
+            heartbeat_interval=self.config.heartbeat_interval,
+            heartbeat_timeout=self.config.heartbeat_timeout, max_frame=self.config.max_frame)
+        self.master.start()
+        return self.master
+
+    def subscribe(self, callback: Callable[[Any], object]) -> Callable[[], None]:
+        """Be told of every harbor up/down and global name change (Erlang's monitor_nodes)."""
+        return self.membership.subscribe(callback)
 
     def resolve(self, destination: int | str) -> int:
         """The handle for a handle or a name; NoSuchService if the name is unknown."""
         if isinstance(destination, int):
             return destination
         handle = self.names.get(destination)
+        if handle is None:
+            handle = self.membership.names.get(destination)
         if handle is None:
             raise NoSuchService(f"no service is named {destination!r}")
         return handle
@@ -157,13 +237,27 @@ class Node:
         try:
             handle = self.resolve(destination)
         except NoSuchService as e:
-            return _failed(e)
+            if self.master is None or not isinstance(destination, str) or destination[:1] == ".":
+                return _failed(e)
+            return self._call_after_lookup(destination, payload, timeout, source)
         session, deferred = self.sessions.new(timeout, harbor_of(handle))
         try:
             self._route(source or self.handle, handle, -session, _NORMAL, payload)
         except Exception as e:
             self.sessions.fail(session, e)
         return deferred
+
+    def _call_after_lookup(self, name: str, payload: Any, timeout: float | None,
+                           source: int | None) -> Deferred[Any]:
+        """A name missing from the cache: ask the master (bounded), then call."""
+        assert self.master is not None
+
+        def found(handle: int | None) -> Deferred[Any]:
+            if handle is None:
+                raise NoSuchService(f"no service is named {name!r}")
+            return self.call(handle, payload, timeout, source)
+
+        return self.master.lookup_name(name).addCallback(found)
 
     def send(self, destination: int | str, payload: Any, source: int | None = None) -> None:
         """One-way (session 0). Raises at once if the destination is unknown or down."""
@@ -272,7 +366,9 @@ class Node:
             server = serverFromString(self.reactor, endpoint)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigurationError(f"bad listen endpoint {endpoint!r}: {e}") from None
-        listening: Deferred[IListeningPort] = server.listen(self.router.link_factory())
+        factory = self.router.link_factory()
+        self._link_factories.append(factory)
+        listening: Deferred[IListeningPort] = server.listen(factory)
         return listening.addCallback(self._listening)
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
@@ -287,12 +383,16 @@ class Node:
 
     def stop(self) -> Deferred[Any]:
         """Stop listening, close every link, fail every pending call."""
+        stopping: list[Deferred[Any]] = []
+        if self.master is not None:
+            stopping.append(self.master.stop())
         self.router.stop()
         self.sessions.fail_all(HarborDown("the node is stopping"))
         for local in list(self.services):
             self.kill(make_handle(self.harbor, local))
         ports, self._ports = self._ports, []
-        return DeferredList([maybeDeferred(port.stopListening) for port in ports])
+        stopping.extend(maybeDeferred(port.stopListening) for port in ports)
+        return DeferredList(stopping)
 
 
 def _failed(error: BaseException) -> Deferred[Any]:

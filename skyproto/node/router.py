@@ -85,8 +85,9 @@ class Router:
 
     # --- peers -------------------------------------------------------------------------
 
-    def add_peer(self, harbor: int, endpoint: str) -> None:
-        """Learn (or re-learn) where ``harbor`` listens, and dial it unless linked."""
+    def add_peer(self, harbor: int, endpoint: str, dial: bool = True) -> None:
+        """Learn (or re-learn) where ``harbor`` listens; dial it unless linked (or told not to:
+        a newcomer announced by the master dials us)."""
         try:
             clientFromString(self.reactor, endpoint)
         except (ValueError, KeyError, TypeError) as e:
@@ -95,14 +96,21 @@ class Router:
             ) from None
         peer = self.peers.setdefault(harbor, Peer(harbor))
         peer.endpoint = endpoint
-        if peer.link is None and not peer.dialing:
+        if dial and peer.link is None and not peer.dialing:
             self._dial(peer)
 
-    def remove_peer(self, harbor: int, reason: str) -> None:
-        """Forget ``harbor`` (the master says it is gone): close its link, fail its calls."""
-        peer = self.peers.pop(harbor, None)
+    def remove_peer(self, harbor: int, reason: str, incarnation: int | None = None) -> None:
+        """Forget ``harbor`` (the master says it is gone): close its link, fail its calls.
+
+        With ``incarnation``, a link to a newer incarnation (the node already came back)
+        is kept."""
+        peer = self.peers.get(harbor)
         if peer is None:
             return
+        if (incarnation is not None and peer.link is not None
+                and peer.link.peer_incarnation > incarnation):
+            return
+        del self.peers[harbor]
         if peer.retry is not None and peer.retry.active():
             peer.retry.cancel()
         error = HarborDown(f"harbor {harbor} is down: {reason}")
@@ -125,7 +133,9 @@ class Router:
         peer = self.peers.get(harbor)
         if peer is not None and peer.link is not None:
             peer.link.send_data(source, destination, session, ptype, payload)
-        elif peer is not None and peer.dialing:
+        elif peer is not None and (peer.dialing or (peer.endpoint and peer.retry is None)):
+            if not peer.dialing:  # known but never dialed (the master told us of it)
+                self._dial(peer)
             if len(peer.queue) >= self.max_queue:
                 raise QueueFull(
                     f"{len(peer.queue)} messages already wait for harbor {harbor}'s link"

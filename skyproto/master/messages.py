@@ -1,0 +1,151 @@
+"""The master protocol's messages: handshake, join, pushed events, requests and replies.
+
+Encoded by :data:`MASTER_CODEC` (a CBOR array ``[code, field, ...]``), one per frame. The
+registry's own event and table classes travel as they are.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+import attrs
+
+from ..wire.codec import MessageCodec
+from .registry import HarborJoined, HarborLeft, HarborRecord, NameBound, NameUnbound, Table
+
+PROTOCOL_VERSION: Final = 1
+MASTER_CODEC = MessageCodec("master")
+NODE_ROLE: Final = b"master-node"
+MASTER_ROLE: Final = b"master-server"
+
+
+def transcript(version: int, node_nonce: bytes, master_nonce: bytes) -> bytes:
+    """What both proofs of the master handshake cover."""
+    return node_nonce + master_nonce + struct.pack(">H", version)
+
+
+@MASTER_CODEC.message(1)
+@attrs.frozen
+class MasterHello:
+    """Node -> master: protocol version and a fresh nonce."""
+
+    version: int
+    nonce: bytes
+
+
+@MASTER_CODEC.message(2)
+@attrs.frozen
+class MasterChallenge:
+    """Master -> node: its nonce and its proof of the secret."""
+
+    version: int
+    nonce: bytes
+    proof: bytes
+
+
+@MASTER_CODEC.message(3)
+@attrs.frozen
+class Join:
+    """Node -> master: its proof, then who it is and the global names it holds.
+
+    ``harbor`` 0 asks the master to assign one. ``names`` is non-empty after a master
+    restart: the node re-asserts what it held.
+    """
+
+    proof: bytes
+    harbor: int
+    incarnation: int
+    node: str
+    endpoint: str
+    names: dict[str, int]
+
+
+@MASTER_CODEC.message(4)
+@attrs.frozen
+class Observe:
+    """Node -> master: its proof, to read the table without joining (``skyproto status``)."""
+
+    proof: bytes
+
+
+@MASTER_CODEC.message(5)
+@attrs.frozen
+class Welcome:
+    """Master -> node: accepted as ``harbor``; the whole table; names refused to it."""
+
+    harbor: int
+    refused_names: tuple[str, ...]
+    table: Table
+
+
+@MASTER_CODEC.message(6)
+@attrs.frozen
+class Refused:
+    """Master -> node: why not (bad secret, version, harbor held by a live node)."""
+
+    reason: str
+
+
+@MASTER_CODEC.message(7)
+@attrs.frozen
+class BindName:
+    request: int
+    name: str
+    handle: int
+
+
+@MASTER_CODEC.message(8)
+@attrs.frozen
+class UnbindName:
+    request: int
+    name: str
+
+
+@MASTER_CODEC.message(9)
+@attrs.frozen
+class LookupName:
+    request: int
+    name: str
+
+
+@MASTER_CODEC.message(10)
+@attrs.frozen
+class GetTable:
+    request: int
+
+
+@MASTER_CODEC.message(11)
+@attrs.frozen
+class Reply:
+    """The answer to a request: ``error`` empty on success; ``handle`` 0 if none."""
+
+    request: int
+    error: str
+    handle: int
+
+
+@MASTER_CODEC.message(12)
+@attrs.frozen
+class TableReply:
+    request: int
+    table: Table
+
+
+@MASTER_CODEC.message(13)
+@attrs.frozen
+class MasterHeartbeat:
+    """Both ways, every heartbeat interval."""
+
+
+MASTER_CODEC.message(20)(HarborJoined)
+MASTER_CODEC.message(21)(HarborLeft)
+MASTER_CODEC.message(22)(NameBound)
+MASTER_CODEC.message(23)(NameUnbound)
+
+__all__ = [
+    "MASTER_CODEC", "BindName", "GetTable", "HarborJoined", "HarborLeft", "HarborRecord",
+    "Join", "LookupName", "MasterChallenge", "MasterHeartbeat", "MasterHello", "NameBound",
+    "NameUnbound", "Observe", "Refused", "Reply", "Table", "TableReply", "UnbindName",
+    "Welcome",
+]

@@ -1,0 +1,273 @@
+"""The master and its clients over loopback, driven by a Clock: every rule of issue 4."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from skyproto.errors import HarborDown, MasterUnavailable, NameConflict
+from skyproto.interfaces import IMasterClient, IMasterListener, IMasterService
+from skyproto.master.messages import MASTER_CODEC
+from skyproto.master.registry import (
+    HarborJoined,
+    HarborLeft,
+    InMemoryRegistry,
+    NameBound,
+    NameUnbound,
+)
+from skyproto.master.server import MasterService
+from skyproto.node.node import Node
+from skyproto.services import Echo
+
+from .cluster import SECRET, Parked, failure_of, network, result_of
+
+
+class Cluster:
+    """A master and nodes on one Clock, over the loopback transport."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.refusals: dict[int, list[str]] = {}
+        self.master_port: Any = None
+        self.start_master()
+
+    def start_master(self) -> MasterService:
+        self.master = MasterService(InMemoryRegistry(), self.clock, SECRET)
+        serverFromString(self.clock, "loopback:master").listen(self.master).addCallback(
+            lambda port: setattr(self, "master_port", port))
+        self.settle()
+        return self.master
+
+    def kill_master(self) -> None:
+        """Like SIGKILL: the port goes, every connection is cut."""
+        self.master_port.stopListening()
+        for connection in network(self.clock).connections_to("master"):
+            connection.cut("master killed")
+        self.settle()
+
+    def node(self, harbor: int, secret: bytes = SECRET, **kwargs: Any) -> Node:
+        node = Node(harbor, self.clock, secret, **kwargs)
+        node.listen(f"loopback:h{harbor}-{node.incarnation}")
+        endpoint = f"loopback:h{harbor}-{node.incarnation}"
+        node.join_master("loopback:master", f"n{harbor}@test", endpoint,
+                         on_refused=self.refusals.setdefault(harbor, []).append)
+        self.settle()
+        return node
+
+    def kill_node(self, node):
+        node.router.stopping = True
+        for port in node._ports:
+            port.stopListening()
+        node.master._service.stopService()  # the process is gone: no reconnecting
+        node.master.protocol.transport.connection.cut("node killed")
+        for link in list(node.router.links):
+            link.transport.connection.cut("node killed")
+        self.settle()
+
+    def settle(self, seconds: float = 0.0) -> None:
+        self.clock.advance(0)
+        step = 0.05
+        for _ in range(int(seconds / step)):
+            self.clock.advance(step)
+        self.clock.advance(0)
+
+
+def test_interfaces():
+    cluster = Cluster()
+    node = cluster.node(1)
+    assert verifyObject(IMasterService, cluster.master)
+    assert verifyObject(IMasterClient, node.master)
+    assert verifyObject(IMasterListener, node.membership)
+
+
+def test_nodes_join_and_form_a_full_mesh():
+    cluster = Cluster()
+    nodes = [cluster.node(h) for h in (1, 2, 3, 4)]
+    cluster.settle(0.5)
+    assert cluster.master.connected() == 4
+    table = cluster.master.registry.snapshot()
+    assert [r.harbor for r in table.harbors] == [1, 2, 3, 4]
+    for node in nodes:
+        assert set(node.membership.harbors) == {1, 2, 3, 4} - {node.harbor}
+        assert all(node.router.state(h) == "up" for h in node.membership.harbors)
+    links = [c for c in network(cluster.clock).connections if c.name != "master"]
+    assert len(links) == 4 * 3 // 2
+
+
+def test_global_names_are_known_everywhere_and_callable_by_name():
+    cluster = Cluster()
+    a, b = cluster.node(1), cluster.node(2)
+    b.spawn(Echo())  # registers ECHO globally
+    cluster.settle()
+    assert a.membership.names == {"ECHO": 0x02000002}
+    d = a.call("ECHO", "hi")
+    cluster.settle()
+    assert result_of(d) == "hi"
+
+
+def test_first_writer_wins_and_loser_is_told():
+    cluster = Cluster()
+    a, b = cluster.node(1), cluster.node(2)
+    first = a.register_name("DB", a.spawn(Echo(), ".db"))
+    cluster.settle()
+    assert result_of(first) is None
+    second = b.register_name("DB", b.spawn(Echo(), ".db"))
+    cluster.settle()
+    assert "already taken by :01000002" in str(failure_of(second, NameConflict).value)
+    assert "DB" not in b.names
+    assert b.membership.names["DB"] == 0x01000002
+
+
+def test_unregister_reaches_everyone():
+    cluster = Cluster()
+    a, b = cluster.node(1), cluster.node(2)
+    a.register_name("DB", a.spawn(Echo(), ".db"))
+    cluster.settle()
+    d = a.unregister_name("DB")
+    cluster.settle()
+    assert result_of(d) is None
+    assert "DB" not in b.membership.names
+    assert cluster.master.registry.lookup("DB") is None
+
+
+def test_a_cache_miss_asks_the_master():
+    cluster = Cluster()
+    a, b = cluster.node(1), cluster.node(2)
+    b.spawn(Echo())
+    cluster.settle()
+    a.membership.names.clear()
+    d = a.call("ECHO", "looked up")
+    cluster.settle()
+    assert result_of(d) == "looked up"
+    missing = a.call("NOBODY", 1)
+    cluster.settle()
+    assert "NOBODY" in str(failure_of(missing, Exception).value)
+
+
+def test_a_live_harbor_id_is_refused_with_the_reason_and_nothing_changes():
+    cluster = Cluster()
+    cluster.node(1)
+    before = cluster.master.registry.snapshot()
+    cluster.node(1, incarnation=10**15)
+    assert cluster.refusals[1] and "held by live node n1@test" in cluster.refusals[1][0]
+    assert cluster.master.registry.snapshot() == before
+
+
+def test_wrong_secret_is_refused_and_nothing_registered():
+    cluster = Cluster()
+    cluster.node(1)
+    cluster.node(2, secret=b"not the secret")
+    assert "authentication failed" in cluster.refusals[2][0]
+    assert [r.harbor for r in cluster.master.registry.snapshot().harbors] == [1]
+
+
+def test_a_dead_nodes_id_is_free_at_once_and_its_calls_fail_and_names_die():
+    cluster = Cluster()
+    a, b = cluster.node(1), cluster.node(2)
+    parked = b.spawn(Parked(), "PARKED")
+    cluster.settle()
+    events: list[Any] = []
+    a.subscribe(events.append)
+    pending = a.call(parked, "x")
+    cluster.settle()
+    cluster.kill_node(b)
+    failure_of(pending, HarborDown)
+    assert 2 not in a.membership.harbors
+    assert "PARKED" not in a.membership.names
+    assert {type(e) for e in events} == {HarborLeft, NameUnbound}
+    b2 = cluster.node(2)  # a new incarnation takes the id at once
+    assert not cluster.refusals.get(2)
+    b2.spawn(Echo())
+    cluster.settle(0.5)
+    d = a.call("ECHO", "reborn")
+    cluster.settle()
+    assert result_of(d) == "reborn"
+    assert any(isinstance(e, HarborJoined) and e.record.harbor == 2 for e in events)
+    assert any(isinstance(e, NameBound) and e.name == "ECHO" for e in events)
+
+
+def test_master_death_leaves_links_and_calls_alone_and_everyone_rejoins():
+    cluster = Cluster()
+    a, b = cluster.node(1), cluster.node(2)
+    echo = b.spawn(Echo())
+    cluster.settle()
+    cluster.kill_master()
+    d = a.call("ECHO", "no master needed")
+    cluster.settle()
+    assert result_of(d) == "no master needed"
+    assert a.router.state(2) == "up"
+
+    away = a.register_name("LATE", a.spawn(Echo(), ".late"))
+    cluster.settle(5.1)  # the bounded wait (the master client's request timeout)
+    assert "within 5 s" in str(failure_of(away, MasterUnavailable).value)
+
+    cluster.start_master()
+    cluster.settle(1.5)  # reconnect backoff is capped at 1 s (plus jitter)
+    table = cluster.master.registry.snapshot()
+    assert [r.harbor for r in table.harbors] == [1, 2]
+    assert table.names == {"ECHO": echo}
+    assert a.router.state(2) == "up"
+
+    late = cluster.node(3)  # joined after the restart: reaches the old node by name
+    d = late.call("ECHO", "late joiner")
+    cluster.settle()
+    assert result_of(d) == "late joiner"
+
+
+def test_silent_node_is_dropped_by_the_master_heartbeat_then_rejoins():
+    cluster = Cluster()
+    a, b = cluster.node(1), cluster.node(2)
+    seen: list[tuple[float, Any]] = []
+    a.subscribe(lambda event: seen.append((cluster.clock.seconds(), event)))
+    paused_at = cluster.clock.seconds()
+    b.master.protocol.transport.connection.pause()
+    cluster.settle(4.0)
+    left = [t for t, e in seen if isinstance(e, HarborLeft) and e.harbor == 2]
+    assert left and 3.0 <= left[0] - paused_at <= 3.1
+    # b noticed the silence too, reconnected and joined again; its link to a never dropped
+    assert any(isinstance(e, HarborJoined) and e.record.harbor == 2 for _, e in seen)
+    assert 2 in [r.harbor for r in cluster.master.registry.snapshot().harbors]
+    assert a.router.state(2) == "up"
+
+
+def test_a_gap_in_the_sequence_fetches_the_table():
+    cluster = Cluster()
+    a, b = cluster.node(1), cluster.node(2)
+    cluster.settle()
+    # Skip one event on a's connection only: bind a name without pushing it to a.
+    registry = cluster.master.registry
+    registry.bind("HIDDEN", 0x02000002, 2)
+    b.register_name("SEEN", b.spawn(Echo(), ".seen"))  # pushed with sequence + 2
+    cluster.settle()
+    assert a.membership.names.get("HIDDEN") == 0x02000002
+    assert a.master.sequence == registry.sequence
+
+
+def test_events_are_encodable():
+    cluster = Cluster()
+    cluster.node(1)
+    table = cluster.master.registry.snapshot()
+    for event in (HarborJoined(1, table.harbors[0]), HarborLeft(2, 1, 5, "x"),
+                  NameBound(3, "A", 0x01000002), NameUnbound(4, "A", 0x01000002)):
+        assert MASTER_CODEC.decode(MASTER_CODEC.encode(event)) == event
+
+
+def test_auto_harbor_is_assigned_by_the_master_and_kept_across_a_restart():
+    cluster = Cluster()
+    cluster.node(1)
+    auto = Node(0, cluster.clock, SECRET)
+    auto.listen("loopback:auto")
+    joined: list[int] = []
+    auto.join_master("loopback:master", "auto@test", "loopback:auto",
+                     on_joined=lambda harbor: (joined.append(harbor), auto.spawn(Echo())))
+    cluster.settle()
+    assert joined == [2] and auto.harbor == 2
+    assert cluster.master.registry.lookup("ECHO") == 0x02000002
+    cluster.kill_master()
+    cluster.start_master()
+    cluster.settle(1.5)
+    assert auto.harbor == 2 and joined == [2]  # re-joined with the id it was given
+    assert cluster.master.registry.lookup("ECHO") == 0x02000002
