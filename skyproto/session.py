@@ -21,15 +21,20 @@ from .interfaces import ISessionTable
 SESSION_MAX: Final = 2**31 - 1
 
 
+#: deadlines are kept in buckets of this many seconds; a call times out at most this late
+DEADLINE_RESOLUTION: Final = 0.05
+
+
 class _Pending:
     """One call waiting for its reply: small and fixed-size."""
 
-    __slots__ = ("deferred", "harbor", "timer")
+    __slots__ = ("bucket", "deferred", "harbor", "timeout")
 
     def __init__(self, deferred: Deferred[Any], harbor: int) -> None:
         self.deferred = deferred
         self.harbor = harbor
-        self.timer: IDelayedCall | None = None
+        self.bucket = 0
+        self.timeout = 0.0
 
 
 @implementer(ISessionTable)
@@ -50,6 +55,12 @@ class SessionTable:
         self._pending: dict[int, _Pending] = {}
         self._by_harbor: dict[int, set[int]] = {}
         self._next = 1
+        # Timeouts without a timer per call: sessions grouped by deadline bucket, and one
+        # timer for the earliest bucket. Scheduling a DelayedCall per call cost more than
+        # the rest of a call's bookkeeping together.
+        self._buckets: dict[int, set[int]] = {}
+        self._timer: IDelayedCall | None = None
+        self._timer_bucket = 0
 
     @property
     def pending(self) -> int:
@@ -82,7 +93,16 @@ class SessionTable:
         if timeout is None:
             timeout = self.default_timeout
         if timeout:
-            entry.timer = self.clock.callLater(timeout, self._expire, session, timeout)
+            bucket = -int(-(self.clock.seconds() + timeout) // DEADLINE_RESOLUTION)  # ceil
+            entry.bucket = bucket
+            entry.timeout = timeout
+            sessions = self._buckets.get(bucket)
+            if sessions is None:
+                self._buckets[bucket] = {session}
+                if self._timer is None or bucket < self._timer_bucket:
+                    self._schedule(bucket)
+            else:
+                sessions.add(session)
         return session, deferred
 
     def resolve(self, session: int, value: object, harbor: int | None = None) -> bool:
@@ -110,11 +130,25 @@ class SessionTable:
             self.fail(session, reason)
         return len(sessions)
 
-    def _expire(self, session: int, timeout: float) -> None:
-        entry = self._pending.get(session)
-        if entry is not None:
-            entry.timer = None  # it has fired: nothing to cancel
-            self.fail(session, CallTimeout(f"no reply within {timeout:g} s (session {session})"))
+    def _schedule(self, bucket: int) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer_bucket = bucket
+        delay = max(0.0, bucket * DEADLINE_RESOLUTION - self.clock.seconds())
+        self._timer = self.clock.callLater(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        # The timer fires at bucket * resolution, give or take a float rounding.
+        now_bucket = int((self.clock.seconds() + 1e-6) // DEADLINE_RESOLUTION)
+        for bucket in sorted(b for b in self._buckets if b <= now_bucket):
+            for session in sorted(self._buckets.get(bucket, ())):
+                entry = self._pending.get(session)
+                if entry is not None:
+                    self.fail(session, CallTimeout(
+                        f"no reply within {entry.timeout:g} s (session {session})"))
+        if self._buckets:
+            self._schedule(min(self._buckets))
 
     def _cancel(self, session: int) -> None:
         self._forget(session)
@@ -130,8 +164,14 @@ class SessionTable:
             entry = self._pending.pop(session, None)
         if entry is None:
             return None
-        if entry.timer is not None:
-            entry.timer.cancel()
+        if entry.bucket:
+            sessions = self._buckets[entry.bucket]
+            sessions.discard(session)
+            if not sessions:
+                del self._buckets[entry.bucket]
+                if not self._buckets and self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
         if entry.harbor:
             tagged = self._by_harbor[entry.harbor]
             tagged.discard(session)

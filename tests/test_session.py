@@ -153,3 +153,20 @@ def test_memory_is_constant_per_call():
         table.resolve(s, None)
     assert table.pending == 0
     assert table._by_harbor == {}
+
+
+def test_timeouts_at_awkward_float_times_fire_once_and_promptly():
+    from skyproto.session import DEADLINE_RESOLUTION
+
+    clock = Clock()
+    clock.advance(0.1)
+    table = SessionTable(clock)
+    calls = [table.new(timeout=t)[1] for t in (0.3, 0.7, 1.1, 4.9)]
+    for d, t in zip(calls, (0.3, 0.7, 1.1, 4.9), strict=True):
+        while not d.called:
+            assert clock.seconds() <= 0.1 + t + DEADLINE_RESOLUTION + 1e-9
+            clock.advance(0.01)
+        assert outcome(d).check(CallTimeout)
+        assert clock.seconds() >= 0.1 + t - 1e-9
+    assert table.pending == 0
+    assert clock.getDelayedCalls() == []

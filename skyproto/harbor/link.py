@@ -84,6 +84,7 @@ class HarborLink(FrameProtocol):
         self._heartbeat = HeartbeatTimer(clock, config.heartbeat_interval, config.heartbeat_timeout,
                                     self._beat, self._silent)
         self._lost_reason: BaseException | None = None
+        self._batch: list[bytes] | None = None
 
     @property
     def local_harbor(self) -> int:
@@ -99,6 +100,17 @@ class HarborLink(FrameProtocol):
         hello = self._handshake.start()
         if hello is not None:
             self._send_control(hello)
+
+    def dataReceived(self, data: bytes) -> None:
+        # Replies made while handling these frames go out in one write, not one per frame.
+        batch: list[bytes] = []
+        self._batch = batch
+        try:
+            super().dataReceived(data)  # type: ignore[no-untyped-call]
+        finally:
+            self._batch = None
+            if batch and self.transport is not None:
+                self.transport.write(b"".join(batch))
 
     def frame_received(self, frame: bytes) -> None:
         self._heartbeat.heard()
@@ -146,8 +158,11 @@ class HarborLink(FrameProtocol):
         frame = encode_data_frame(source, destination, session, ptype, encode_cbor(payload))
         if len(frame) - 4 > self.MAX_LENGTH:
             self.send_frame(frame[4:])  # raises FrameTooLarge with the sizes
-        assert self.transport is not None
-        self.transport.write(frame)
+        batch = self._batch
+        if batch is not None:
+            batch.append(frame)
+        else:
+            self.transport.write(frame)  # type: ignore[union-attr]
 
     def close(self, reason: str) -> None:
         self.log.info("closing link to harbor {peer}: {reason}", peer=self.peer_harbor,

@@ -38,22 +38,33 @@ def _refuse_tag(tag: cbor2.CBORTag, immutable: bool) -> object:
     raise ProtocolError(f"unrequested CBOR tag {tag.tag}")
 
 
-def decode_cbor(data: bytes, max_depth: int = MAX_DEPTH, text_keys_only: bool = True) -> Any:
+def _strict_decoder(text_keys_only: bool) -> cbor2.CBORDecoder:
+    return cbor2.CBORDecoder(
+        io.BytesIO(b""),
+        tag_hook=_refuse_tag,
+        semantic_decoders=_NO_SEMANTIC_TAGS,
+        max_depth=MAX_DEPTH,
+        allow_duplicate_keys=False,
+        strict_hashable_types=text_keys_only,
+    )
+
+
+# Building a decoder costs more than decoding a small item, so one of each kind is reused
+# (the reactor is single-threaded, and decode() calls back into nothing that could re-enter).
+_DECODERS: Final = {True: _strict_decoder(True), False: _strict_decoder(False)}
+
+
+def decode_cbor(data: bytes, text_keys_only: bool = True) -> Any:
     """Decode exactly one CBOR item of plain types; anything else is a ProtocolError.
 
     Control messages take only text/byte map keys (no hash-collision games); user payloads
     (``text_keys_only=False``) may use any hashable key, as skynet's Lua tables do.
+    Nesting deeper than MAX_DEPTH, tags, duplicate keys and trailing bytes are refused.
     """
     stream = io.BytesIO(data)
+    decoder = _DECODERS[text_keys_only]
     try:
-        decoder = cbor2.CBORDecoder(
-            stream,
-            tag_hook=_refuse_tag,
-            semantic_decoders=_NO_SEMANTIC_TAGS,
-            max_depth=max_depth,
-            allow_duplicate_keys=False,
-            strict_hashable_types=text_keys_only,
-        )
+        decoder.fp = stream
         value = decoder.decode()
     except ProtocolError:
         raise
