@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from twisted.application.service import IService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -30,6 +30,7 @@ from .mapper.epmd import DEFAULT_PORT as EPMD_PORT
 from .mapper.server import MapperServerFactory, relaxed_from_environ
 from .master.registry import InMemoryRegistry
 from .master.server import MasterService
+from .node.mapping import HostMapper, NodeResolver, parse_endpoint_description
 from .node.node import Node
 from .services import load_service_class
 from .wire.framing import DEFAULT_MAX_FRAME
@@ -135,6 +136,8 @@ class NodeOptions(OneLineOptions):
          "This node's harbor id, 1..255, or 'auto' to have the master assign one (required)."],
         ["name", None, None, "Node name, NAME or NAME@HOST (default: harborN@<short host>)."],
         ["master", None, None, "Endpoint of the master, e.g. tcp:127.0.0.1:2013."],
+        ["mapper", None, None, "This host's port mapper (default tcp:127.0.0.1:"
+         "$ERL_EPMD_PORT, or 4369); started in this process if none answers."],
         ["listen", None, "tcp:0:interface=127.0.0.1",
          "Endpoint where this node accepts harbor links."],
         ["secret-file", None, "~/.skyproto.cookie",
@@ -146,13 +149,16 @@ class NodeOptions(OneLineOptions):
         ["max-frame", None, DEFAULT_MAX_FRAME, "Largest frame in bytes.", _positive_int],
     ]
 
+    optFlags = [["no-mapper", None, "Do not register with this host's port mapper."]]
+
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["peers"] = []
         self["services"] = []
 
     def opt_peer(self, value: str) -> None:
-        """HARBOR=ENDPOINT: a static peer, e.g. 2=tcp:127.0.0.1:7002 (repeatable)."""
+        """HARBOR=ENDPOINT or HARBOR=NAME@HOST: a static peer, e.g. 2=tcp:127.0.0.1:7002
+        or 2=beta@db1 (found through db1's port mapper); repeatable."""
         harbor, equals, endpoint = value.partition("=")
         if not equals or not endpoint:
             raise usage.UsageError(f"--peer takes HARBOR=ENDPOINT, not {value!r}")
@@ -247,6 +253,7 @@ class NodeService(Service):
         self.node = node
         self.peers = peers
         self.join = join
+        self.host_mapper: HostMapper | None = None
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -257,7 +264,26 @@ class NodeService(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()  # type: ignore[no-untyped-call]
-        return self.node.stop()
+        stopping = [self.node.stop()]
+        if self.host_mapper is not None:
+            stopping.append(self.host_mapper.stop())
+        return gatherResults(stopping)
+
+
+def mapper_listen_endpoint(connect: str) -> str:
+    """Where to listen when this node must host the mapper it could not reach."""
+    kind, args, kwargs = parse_endpoint_description(connect)
+    if kind == "tcp":
+        host = kwargs.get("host") or (args[0] if args else "")
+        port = kwargs.get("port") or (args[1] if len(args) > 1 else "")
+        if host and port:
+            return f"tcp:{port}:interface={host}"
+    elif kind == "unix" and (args or "path" in kwargs):
+        return f"unix:{kwargs.get('path') or args[0]}:mode=600:lockfile=1"
+    elif kind == "loopback":
+        return connect
+    raise ConfigurationError(
+        f"--mapper {connect!r}: use tcp:HOST:PORT, unix:PATH or loopback:NAME")
 
 
 def make_node_service(options: NodeOptions) -> IService:
@@ -266,8 +292,12 @@ def make_node_service(options: NodeOptions) -> IService:
     program = "skynode"
     try:
         secret = load_secret(options["secret-file"])
+        port_number = mapper_port(os.environ)
+        mapper_at = options["mapper"] or f"tcp:127.0.0.1:{port_number}"
+        mapper_listen = mapper_listen_endpoint(mapper_at)
         node = Node(
             options["harbor"], reactor, secret,
+            resolver=NodeResolver(reactor, port_number),
             default_timeout=options["timeout"],
             heartbeat_interval=options["heartbeat-interval"],
             heartbeat_timeout=options["heartbeat-timeout"],
@@ -287,8 +317,20 @@ def make_node_service(options: NodeOptions) -> IService:
     except ConfigurationError as e:
         exit_with(str(e), program)
     address = describe_address(port)
+    node_service: NodeService
+
+    def register_with_mapper(harbor: int) -> None:
+        name = options["node_name"].name
+        host_mapper = HostMapper(reactor, mapper_listen, mapper_at, port_number, name, address,
+                                 harbor, relaxed=relaxed_from_environ(os.environ))
+        node_service.host_mapper = host_mapper
+        host_mapper.start().addErrback(lambda failure: exit_after_shutdown(
+            reactor, f"the name {name} seems to be in use by another node on this host: "
+                     f"{failure.getErrorMessage()}", program))
 
     def started(harbor: int) -> None:
+        if not options["no-mapper"]:
+            register_with_mapper(harbor)
         for service in services:
             node.spawn(service)
         log.info(
@@ -315,9 +357,10 @@ def make_node_service(options: NodeOptions) -> IService:
             except ConfigurationError as e:
                 exit_after_shutdown(reactor, str(e), program)
 
+    node_service = NodeService(node, options["peers"], join)
     if node.harbor:
         started(node.harbor)
-    return NodeService(node, options["peers"], join)
+    return node_service
 
 
 def make_master_service(options: MasterOptions) -> IService:

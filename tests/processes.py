@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,11 +24,12 @@ T = TypeVar("T")
 class Daemon:
     """One ``twistd -n`` process whose output goes to a log file we can search."""
 
-    def __init__(self, args: list[str], workdir: Path, name: str) -> None:
+    def __init__(self, args: list[str], workdir: Path, name: str,
+                 env: dict[str, str] | None = None) -> None:
         self.log_path = workdir / f"{name}.log"
         self.name = name
         log = self.log_path.open("wb")
-        env = dict(os.environ, HOME=str(workdir), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, HOME=str(workdir), PYTHONUNBUFFERED="1", **(env or {}))
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", *args],
             cwd=workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -67,14 +69,19 @@ def daemons() -> Iterator[Callable[..., Daemon]]:
     secret = workdir / "cookie"
     secret.write_text("process-test-secret\n")
     secret.chmod(0o600)
+    # Every node registers with its host's port mapper: give this test a mapper port of
+    # its own, never the well-known 4369 (a genuine epmd may hold it).
+    mapper_port = free_port()
 
     def start(*args: str, name: str | None = None) -> Daemon:
-        daemon = Daemon(list(args), workdir, name or f"d{len(started)}")
+        daemon = Daemon(list(args), workdir, name or f"d{len(started)}",
+                        env={"ERL_EPMD_PORT": str(mapper_port)})
         started.append(daemon)
         return daemon
 
     start.workdir = workdir  # type: ignore[attr-defined]
     start.secret = secret  # type: ignore[attr-defined]
+    start.mapper_port = mapper_port  # type: ignore[attr-defined]
     yield start
     for daemon in started:
         daemon.stop()
@@ -106,9 +113,18 @@ async def wait_for_line(daemon: Daemon, pattern: str, timeout: float = 15.0) -> 
     return await wait_for(found, f"{pattern!r} in {daemon.name}'s log", timeout)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now (on 127.0.0.1)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def run_twistd(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run a twistd command that should exit by itself (a user mistake)."""
     env: dict[str, Any] = dict(os.environ, HOME=str(cwd))
+    env.setdefault("ERL_EPMD_PORT", str(free_port()))
     return subprocess.run(
         [TWISTD, "-n", "--pidfile=", *args], cwd=cwd, capture_output=True, text=True,
         timeout=timeout, env=env, stdin=subprocess.DEVNULL,

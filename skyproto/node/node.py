@@ -37,6 +37,7 @@ from ..session import SessionTable
 from ..wire.codec import PayloadType
 from ..wire.framing import DEFAULT_MAX_FRAME
 from .cluster import ClusterMembership
+from .mapping import NodeResolver
 from .router import Router
 
 _NORMAL = PayloadType.NORMAL
@@ -79,6 +80,7 @@ class Node:
         heartbeat_timeout: float = 3.0,
         max_frame: int = DEFAULT_MAX_FRAME,
         max_queue: int = 1000,
+        resolver: NodeResolver | None = None,
     ) -> None:
         self.reactor = reactor
         #: 0 until the master assigns one (``--harbor auto``); see :meth:`assign_harbor`
@@ -90,7 +92,7 @@ class Node:
         self.config = LinkConfig(harbor, self.incarnation, secret, heartbeat_interval,
                                  heartbeat_timeout, max_frame=max_frame)
         self.router = Router(reactor, self.config, self._deliver, self._harbor_lost,
-                             self._undeliverable, max_queue=max_queue)
+                             self._undeliverable, max_queue=max_queue, resolver=resolver)
         self.services: dict[int, IServiceBehaviour] = {}
         #: names this node bound itself: local (``.x``) ones, and global ones it holds
         self.names: dict[str, int] = {}

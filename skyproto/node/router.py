@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -24,6 +24,7 @@ from ..errors import ConfigurationError, FrameTooLarge, HarborDown, QueueFull
 from ..harbor.link import HarborLink, HarborLinkFactory, LinkConfig
 from ..interfaces import IHarborLink, IMessageSink
 from ..wire.codec import DATA_HEADER, encode_cbor
+from .mapping import NodeResolver, is_node_name
 
 Message = tuple[int, int, int, int, Any]  # source, destination, session, type, payload
 Deliver = Callable[[int, int, int, int, Any], None]
@@ -67,6 +68,7 @@ class Router:
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
         rng: random.Random | None = None,
+        resolver: NodeResolver | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
@@ -78,6 +80,8 @@ class Router:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.rng = rng or random.Random()
+        #: turns ``name@host`` peers into endpoints through that host's mapper
+        self.resolver = resolver
         self.peers: dict[int, Peer] = {}
         self.stopping = False
         #: every link object currently connected, up or not (for stop and for tests)
@@ -88,12 +92,18 @@ class Router:
     def add_peer(self, harbor: int, endpoint: str, dial: bool = True) -> None:
         """Learn (or re-learn) where ``harbor`` listens; dial it unless linked (or told not to:
         a newcomer announced by the master dials us)."""
-        try:
-            clientFromString(self.reactor, endpoint)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigurationError(
-                f"harbor {harbor}: bad endpoint {endpoint!r}: {e}"
-            ) from None
+        if is_node_name(endpoint):
+            if self.resolver is None:
+                raise ConfigurationError(
+                    f"harbor {harbor}: {endpoint!r} is a node name, but this node has no "
+                    f"port mapper to resolve it")
+        else:
+            try:
+                clientFromString(self.reactor, endpoint)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigurationError(
+                    f"harbor {harbor}: bad endpoint {endpoint!r}: {e}"
+                ) from None
         peer = self.peers.setdefault(harbor, Peer(harbor))
         peer.endpoint = endpoint
         if dial and peer.link is None and not peer.dialing:
@@ -187,6 +197,7 @@ class Router:
         peer.link = None
         self.harbor_lost(peer.harbor, reason)
         if not self.stopping and peer.endpoint is not None:
+            self._forget_address(peer)
             self._schedule_retry(peer)
 
     def data_received(self, link: IHarborLink, source: int, destination: int, session: int,
@@ -214,9 +225,13 @@ class Router:
         assert peer.endpoint is not None
         peer.dialing = True
         peer.retry = None
-        endpoint = clientFromString(self.reactor, peer.endpoint)
         factory = self.link_factory(dialer=True, expect_harbor=peer.harbor)
-        connecting: Deferred[Any] = endpoint.connect(factory)
+        target = peer.endpoint
+        resolving: Deferred[str] = (
+            self.resolver.resolve_node(target)
+            if self.resolver is not None and is_node_name(target) else succeed(target))
+        connecting: Deferred[Any] = resolving.addCallback(
+            lambda endpoint: clientFromString(self.reactor, endpoint).connect(factory))
         connecting.addTimeout(self.config.handshake_timeout, self.clock)
         connecting.addCallback(lambda link: link.ready)
         connecting.addCallbacks(lambda _: self._dialed(peer),
@@ -225,8 +240,14 @@ class Router:
     def _dialed(self, peer: Peer) -> None:
         peer.dialing = False
 
+    def _forget_address(self, peer: Peer) -> None:
+        """A dial to a resolved ``name@host`` failed: ask the mapper again next time."""
+        if self.resolver is not None and peer.endpoint and is_node_name(peer.endpoint):
+            self.resolver.invalidate(peer.endpoint)
+
     def _dial_failed(self, peer: Peer, failure: Failure) -> None:
         peer.dialing = False
+        self._forget_address(peer)
         if self.peers.get(peer.harbor) is not peer:
             return
         error = HarborDown(
