@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
-from twisted.application.service import IService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from .address import NodeName, check_harbor, format_handle
 from .auth import load_secret
 from .errors import AddressError, ConfigurationError
+from .gate import FRAMINGS, GateConfig, GateFactory
 from .mapper.epmd import DEFAULT_PORT as EPMD_PORT
 from .mapper.server import MapperServerFactory, relaxed_from_environ
 from .master.registry import InMemoryRegistry
@@ -138,6 +139,16 @@ class NodeOptions(OneLineOptions):
         ["master", None, None, "Endpoint of the master, e.g. tcp:127.0.0.1:2013."],
         ["mapper", None, None, "This host's port mapper (default tcp:127.0.0.1:"
          "$ERL_EPMD_PORT, or 4369); started in this process if none answers."],
+        ["gate", None, None,
+         "Accept external clients here (e.g. tcp:8888:interface=127.0.0.1)."],
+        ["gate-framing", None, "line",
+         "Client framing: line (newline-terminated UTF-8) or packet (2-byte length)."],
+        ["gate-service", None, "SIMPLEDB", "The service that gate requests go to."],
+        ["gate-max-clients", None, 1000, "Most clients at once.", _positive_int],
+        ["gate-max-request", None, 4096, "Longest request line or packet, in bytes.",
+         _positive_int],
+        ["master-listen", None, None, "With --standalone: where its master listens "
+         "(default tcp:2013:interface=127.0.0.1)."],
         ["listen", None, "tcp:0:interface=127.0.0.1",
          "Endpoint where this node accepts harbor links."],
         ["secret-file", None, "~/.skyproto.cookie",
@@ -149,7 +160,11 @@ class NodeOptions(OneLineOptions):
         ["max-frame", None, DEFAULT_MAX_FRAME, "Largest frame in bytes.", _positive_int],
     ]
 
-    optFlags = [["no-mapper", None, "Do not register with this host's port mapper."]]
+    optFlags = [
+        ["no-mapper", None, "Do not register with this host's port mapper."],
+        ["standalone", None, "Run a master, mapper, node, gate and SIMPLEDB in this one "
+         "process (loopback-only defaults; other nodes can join its master)."],
+    ]
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -172,6 +187,20 @@ class NodeOptions(OneLineOptions):
         self["services"].append(value)
 
     def postOptions(self) -> None:
+        if self["standalone"]:
+            if self["master"] is not None:
+                raise usage.UsageError("--standalone runs its own master: give --master-listen")
+            self["harbor"] = self["harbor"] or "1"
+            self["name"] = self["name"] or "standalone"
+            self["gate"] = self["gate"] or "tcp:8888:interface=127.0.0.1"
+            self["master-listen"] = self["master-listen"] or "tcp:2013:interface=127.0.0.1"
+            self["master"] = "(this process)"
+            if "simpledb" not in self["services"]:
+                self["services"].append("simpledb")
+        elif self["master-listen"] is not None:
+            raise usage.UsageError("--master-listen goes with --standalone")
+        if self["gate-framing"] not in FRAMINGS:
+            raise usage.UsageError(f"--gate-framing must be one of {', '.join(FRAMINGS)}")
         if self["harbor"] is None:
             raise usage.UsageError("--harbor is required")
         if self["harbor"] == "auto":
@@ -290,8 +319,15 @@ def make_node_service(options: NodeOptions) -> IService:
     from twisted.internet import reactor
 
     program = "skynode"
+    top = MultiService()
     try:
         secret = load_secret(options["secret-file"])
+        if options["standalone"]:
+            master_port = start_master(reactor, secret, options["master-listen"], program,
+                                       options["heartbeat-interval"],
+                                       options["heartbeat-timeout"])
+            ListeningService(master_port).setServiceParent(top)  # type: ignore[no-untyped-call]
+            options["master"] = describe_address(master_port)
         port_number = mapper_port(os.environ)
         mapper_at = options["mapper"] or f"tcp:127.0.0.1:{port_number}"
         mapper_listen = mapper_listen_endpoint(mapper_at)
@@ -314,9 +350,22 @@ def make_node_service(options: NodeOptions) -> IService:
             except Exception as e:
                 raise ConfigurationError(f"cannot start service {spec!r}: {e}") from None
         port = listen_now(node.listen(options["listen"]), options["listen"], program)
+        gate_port = None
+        if options["gate"] is not None:
+            gate = GateFactory(node, GateConfig(
+                target=options["gate-service"], framing=options["gate-framing"],
+                max_clients=options["gate-max-clients"],
+                max_request=options["gate-max-request"]))
+            gate_port = listen_now(listen_on(reactor, options["gate"], gate, program),
+                                   options["gate"], program)
     except ConfigurationError as e:
         exit_with(str(e), program)
     address = describe_address(port)
+    if gate_port is not None:
+        log.info("gate for {target} listening on {address} ({framing} framing)",
+                 target=options["gate-service"], address=describe_address(gate_port),
+                 framing=options["gate-framing"])
+        ListeningService(gate_port).setServiceParent(top)  # type: ignore[no-untyped-call]
     node_service: NodeService
 
     def register_with_mapper(harbor: int) -> None:
@@ -358,9 +407,37 @@ def make_node_service(options: NodeOptions) -> IService:
                 exit_after_shutdown(reactor, str(e), program)
 
     node_service = NodeService(node, options["peers"], join)
+    node_service.setServiceParent(top)  # type: ignore[no-untyped-call]
     if node.harbor:
         started(node.harbor)
-    return node_service
+    if options["standalone"]:
+        log.info(
+            "skyproto standalone: master on {master}, harbor {harbor} on {address}, "
+            "gate on {gate}, port mapper at {mapper}",
+            master=options["master"], harbor=node.harbor, address=address,
+            gate=describe_address(gate_port) if gate_port is not None else "-",
+            mapper="(none)" if options["no-mapper"] else mapper_at)
+    return top
+
+
+def listen_on(reactor: Any, endpoint: str, factory: Any,
+              program: str) -> Deferred[IListeningPort]:
+    try:
+        server = serverFromString(reactor, endpoint)
+    except (ValueError, KeyError, TypeError) as e:
+        exit_with(f"bad listen endpoint {endpoint!r}: {e}", program)
+    listening: Deferred[IListeningPort] = server.listen(factory)
+    return listening
+
+
+def start_master(reactor: Any, secret: bytes, endpoint: str, program: str,
+                 heartbeat_interval: float, heartbeat_timeout: float) -> IListeningPort:
+    master = MasterService(InMemoryRegistry(), reactor, secret,
+                           heartbeat_interval=heartbeat_interval,
+                           heartbeat_timeout=heartbeat_timeout)
+    port = listen_now(listen_on(reactor, endpoint, master, program), endpoint, program)
+    log.info("skymaster listening on {address}", address=describe_address(port))
+    return port
 
 
 def make_master_service(options: MasterOptions) -> IService:
@@ -369,17 +446,11 @@ def make_master_service(options: MasterOptions) -> IService:
     program = "skymaster"
     try:
         secret = load_secret(options["secret-file"])
-        server = serverFromString(reactor, options["listen"])
     except ConfigurationError as e:
         exit_with(str(e), program)
-    except (ValueError, KeyError, TypeError) as e:
-        exit_with(f"bad listen endpoint {options['listen']!r}: {e}", program)
-    master = MasterService(InMemoryRegistry(), reactor, secret,
-                           heartbeat_interval=options["heartbeat-interval"],
-                           heartbeat_timeout=options["heartbeat-timeout"])
-    port = listen_now(server.listen(master), options["listen"], program)
-    log.info("skymaster listening on {address}", address=describe_address(port))
-    return ListeningService(port)
+    return ListeningService(start_master(reactor, secret, options["listen"], program,
+                                         options["heartbeat-interval"],
+                                         options["heartbeat-timeout"]))
 
 
 class ListeningService(Service):
@@ -408,11 +479,7 @@ def make_mapper_service(options: MapperOptions) -> IService:
         packet_timeout=options["packet-timeout"],
         on_kill=reactor.stop,
     )
-    try:
-        server = serverFromString(reactor, listen)
-    except (ValueError, KeyError, TypeError) as e:
-        exit_with(f"bad listen endpoint {listen!r}: {e}", program)
-    result = listen_at_once(server.listen(factory), listen, program)
+    result = listen_at_once(listen_on(reactor, listen, factory, program), listen, program)
     if already_in_use(result):
         # epmd's own behaviour: another mapper already serves this host, and that is fine
         print(f"{program}: there is already a mapper running at {listen}", file=sys.stderr)

@@ -335,6 +335,8 @@ class MapperClient:
 class _OneProtocol(Factory):
     """A factory that hands out one given protocol instance (one request, one connection)."""
 
+    noisy = False
+
     def __init__(self, protocol: Protocol) -> None:
         self._protocol = protocol
 

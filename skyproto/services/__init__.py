@@ -7,10 +7,11 @@ import importlib
 from ..errors import ConfigurationError
 from ..node.service import Service
 from .echo import Echo, Relay
+from .simpledb import SimpleDB
 
-__all__ = ["BUILTIN", "Echo", "Relay", "load_service_class"]
+__all__ = ["BUILTIN", "Echo", "Relay", "SimpleDB", "load_service_class"]
 
-BUILTIN: dict[str, type[Service]] = {"echo": Echo, "relay": Relay}
+BUILTIN: dict[str, type[Service]] = {"echo": Echo, "relay": Relay, "simpledb": SimpleDB}
 
 
 def load_service_class(spec: str) -> type[Service]:
