@@ -2,6 +2,7 @@
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
@@ -422,3 +423,26 @@ def test_killing_a_foreign_handle_leaves_local_services_alone():
     d = node.call("ECHO", "alive")
     clock.advance(0)
     assert result_of(d) == "alive"
+
+
+def test_a_peer_that_does_not_read_makes_calls_fail_with_queue_full_not_memory():
+    clock, (a, b) = mesh(2, max_outbound=64 * 1024)
+    echo = b.spawn(Echo())
+    b.router.peers[1].link.transport.pauseProducing()  # b stops reading from a
+    payload = b"x" * 4096
+    outcomes = []
+    for _ in range(200):
+        d = a.call(echo, payload, timeout=30)
+        d.addBoth(outcomes.append)
+        clock.advance(0)
+    refused = [o for o in outcomes if isinstance(o, Failure) and o.check(QueueFull)]
+    assert refused, "a slow peer must make calls fail, not grow the buffer forever"
+    assert "wait for a slow peer" in str(refused[0].value)
+    link = a.router.peers[2].link
+    assert link.transport.unsent < 64 * 1024 + 64 * 1024 + 8192  # transport mark + our limit
+    b.router.peers[1].link.transport.resumeProducing()
+    clock.advance(0)
+    assert not link.congested
+    d = a.call(echo, "flowing again")
+    clock.advance(0)
+    assert result_of(d) == "flowing again"

@@ -28,7 +28,7 @@ from ..wire.codec import (
     encode_cbor,
     encode_data_frame,
 )
-from ..wire.framing import DEFAULT_MAX_FRAME, FrameProtocol
+from ..wire.framing import DEFAULT_MAX_FRAME, DEFAULT_MAX_OUTBOUND, FrameProtocol
 from ..wire.heartbeat import HeartbeatTimer
 from .handshake import HandshakeRefused, LinkHandshake
 from .messages import HARBOR_CODEC, Heartbeat, LinkRefused
@@ -51,6 +51,7 @@ class LinkConfig:
     heartbeat_timeout: float = 3.0
     handshake_timeout: float = 5.0
     max_frame: int = DEFAULT_MAX_FRAME
+    max_outbound: int = DEFAULT_MAX_OUTBOUND
 
 
 @implementer(IHarborLink)
@@ -66,7 +67,7 @@ class HarborLink(FrameProtocol):
         expect_harbor: int | None = None,
         registry: set[HarborLink] | None = None,
     ) -> None:
-        super().__init__(config.max_frame)
+        super().__init__(config.max_frame, config.max_outbound)
         self.registry = registry
         self.config = config
         self.sink = sink
@@ -158,6 +159,8 @@ class HarborLink(FrameProtocol):
         frame = encode_data_frame(source, destination, session, ptype, encode_cbor(payload))
         if len(frame) - 4 > self.MAX_LENGTH:
             self.send_frame(frame[4:])  # raises FrameTooLarge with the sizes
+        if self.congested:
+            self.count_backlog(len(frame))  # raises QueueFull past the link's limit
         batch = self._batch
         if batch is not None:
             batch.append(frame)

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..auth import NONCE_SIZE, new_nonce, prove, verify
-from ..errors import ProtocolError
+from ..errors import ProtocolError, QueueFull
 from ..interfaces import IMasterService, IRegistry
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameProtocol
 from ..wire.heartbeat import HeartbeatTimer
@@ -222,7 +222,11 @@ class MasterService(Factory):
         for event in events:
             frame = MASTER_CODEC.encode(event)
             for connection in list(self.joined.values()):
-                connection.send_frame(frame)
+                try:
+                    connection.send_frame(frame)
+                except QueueFull as e:
+                    # It will reconnect and get the whole table; the others must not wait.
+                    connection.drop(f"harbor {connection.harbor} cannot keep up: {e}")
 
     def close_all(self) -> None:
         for connection in list(self.connections):

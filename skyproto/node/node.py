@@ -35,7 +35,7 @@ from ..interfaces import IServiceBehaviour
 from ..master.client import JoinInfo, MasterClient
 from ..session import SessionTable
 from ..wire.codec import PayloadType
-from ..wire.framing import DEFAULT_MAX_FRAME
+from ..wire.framing import DEFAULT_MAX_FRAME, DEFAULT_MAX_OUTBOUND
 from .cluster import ClusterMembership
 from .mapping import NodeResolver
 from .router import Router
@@ -81,6 +81,7 @@ class Node:
         max_frame: int = DEFAULT_MAX_FRAME,
         max_queue: int = 1000,
         resolver: NodeResolver | None = None,
+        max_outbound: int = DEFAULT_MAX_OUTBOUND,
     ) -> None:
         self.reactor = reactor
         #: 0 until the master assigns one (``--harbor auto``); see :meth:`assign_harbor`
@@ -90,7 +91,8 @@ class Node:
         self.incarnation = incarnation if incarnation is not None else time.time_ns() // 1000
         self.sessions = SessionTable(reactor, default_timeout)
         self.config = LinkConfig(harbor, self.incarnation, secret, heartbeat_interval,
-                                 heartbeat_timeout, max_frame=max_frame)
+                                 heartbeat_timeout, max_frame=max_frame,
+                                 max_outbound=max_outbound)
         self.router = Router(reactor, self.config, self._deliver, self._harbor_lost,
                              self._undeliverable, max_queue=max_queue, resolver=resolver)
         self.services: dict[int, IServiceBehaviour] = {}

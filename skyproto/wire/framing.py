@@ -12,13 +12,35 @@ import contextlib
 import struct
 from typing import Final
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import IntNStringReceiver
+from zope.interface import implementer
 
-from ..errors import FrameTooLarge, ProtocolError
+from ..errors import FrameTooLarge, ProtocolError, QueueFull
 
 DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
+#: bytes a connection may queue beyond the transport's own buffer before sends fail
+DEFAULT_MAX_OUTBOUND: Final = 8 * 1024 * 1024
 LENGTH_PREFIX: Final = struct.Struct(">I")
+
+
+@implementer(IPushProducer)
+class _Congestion:
+    """Registered on the transport: told when its write buffer is full and when it drains."""
+
+    def __init__(self, protocol: FrameProtocol) -> None:
+        self.protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self.protocol.congested = True
+
+    def resumeProducing(self) -> None:
+        self.protocol.congested = False
+        self.protocol.backlog = 0
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class FrameProtocol(IntNStringReceiver):
@@ -28,14 +50,24 @@ class FrameProtocol(IntNStringReceiver):
     prefixLength = 4
     log = Logger()
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME,
+                 max_outbound: int = DEFAULT_MAX_OUTBOUND) -> None:
         self.MAX_LENGTH = max_frame
+        self.max_outbound = max_outbound
+        #: the peer is not reading fast enough: the transport's buffer is over its mark
+        self.congested = False
+        #: bytes written since the transport said it was full
+        self.backlog = 0
 
     @property
     def max_frame(self) -> int:
         return self.MAX_LENGTH
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None:
+            register(_Congestion(self), True)
         # A request/response protocol wants small writes to go out at once.
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
@@ -46,8 +78,19 @@ class FrameProtocol(IntNStringReceiver):
         """Write one frame; raises FrameTooLarge (and writes nothing) if it is too big."""
         if len(frame) > self.MAX_LENGTH:
             raise FrameTooLarge(len(frame), self.MAX_LENGTH)
+        if self.congested:
+            self.count_backlog(len(frame) + 4)
         assert self.transport is not None
         self.transport.write(LENGTH_PREFIX.pack(len(frame)) + frame)
+
+    def count_backlog(self, size: int) -> None:
+        """Account for a write while the peer is slow; refuse it past ``max_outbound``."""
+        if self.backlog + size > self.max_outbound:
+            raise QueueFull(
+                f"{self.backlog} bytes already wait for a slow peer "
+                f"(limit {self.max_outbound}); not sending {size} more"
+            )
+        self.backlog += size
 
     def stringReceived(self, string: bytes) -> None:
         try:
