@@ -2,8 +2,8 @@
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from skyproto.address import make_handle
