@@ -30,6 +30,9 @@ class Daemon:
         self.name = name
         log = self.log_path.open("wb")
         env = dict(os.environ, HOME=str(workdir), PYTHONUNBUFFERED="1", **(env or {}))
+        # a daemon may load services from modules a test wrote into its working directory
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(workdir), os.environ.get("PYTHONPATH", "")) if p)
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", *args],
             cwd=workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
