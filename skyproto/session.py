@@ -106,22 +106,24 @@ class SessionTable:
         return session, deferred
 
     def resolve(self, session: int, value: object, harbor: int | None = None) -> bool:
-        entry = self._forget(session, harbor)
-        if entry is None:
-            self.log.info("dropping reply to unknown or expired session {session}",
-                          session=session)
-            return False
-        entry.deferred.callback(value)
-        return True
+        entry = self._claim(session, harbor, "reply")
+        if entry is not None:
+            entry.deferred.callback(value)
+        return entry is not None
 
     def fail(self, session: int, reason: BaseException, harbor: int | None = None) -> bool:
+        entry = self._claim(session, harbor, "error reply")
+        if entry is not None:
+            entry.deferred.errback(reason)
+        return entry is not None
+
+    def _claim(self, session: int, harbor: int | None, what: str) -> _Pending | None:
+        """The pending call a reply completes, or None (logged: unknown, late or forged)."""
         entry = self._forget(session, harbor)
         if entry is None:
-            self.log.info("dropping error reply to unknown or expired session {session}",
-                          session=session)
-            return False
-        entry.deferred.errback(reason)
-        return True
+            self.log.info("dropping {what} to unknown or expired session {session}",
+                          what=what, session=session)
+        return entry
 
     def fail_all(self, reason: BaseException, harbor: int | None = None) -> int:
         chosen = self._pending if harbor is None else self._by_harbor.get(harbor, ())
