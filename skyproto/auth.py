@@ -28,13 +28,16 @@ def default_secret_path() -> Path:
     return Path(DEFAULT_SECRET_FILE).expanduser()
 
 
-def load_secret(path: str | os.PathLike[str] | None = None) -> bytes:
-    """Read the cluster secret, creating the file (mode 0600, random) if it does not exist.
+def load_secret(path: str | os.PathLike[str] | None = None, create: bool = True) -> bytes:
+    """Read the cluster secret, creating the file (mode 0600, random) if it does not exist
+    and ``create`` is true (daemons); tools that only read (``skyproto status``) pass False.
 
     Raises ConfigurationError, with one line a user can act on, if the file is readable or
     writable by others, empty, or cannot be read or created.
     """
     file = Path(path).expanduser() if path is not None else default_secret_path()
+    if not create and not file.exists():
+        raise ConfigurationError(f"no secret file {file} (give --secret-file)")
     try:
         fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -76,7 +76,7 @@ async def show_status(reactor: Any, endpoint: str, secret_file: str | None, as_j
     from .auth import load_secret
     from .master.client import MasterClient
 
-    client = MasterClient(reactor, endpoint, load_secret(secret_file), _Observer(),
+    client = MasterClient(reactor, endpoint, load_secret(secret_file, create=False), _Observer(),
                           request_timeout=timeout)
     client.start()
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
@@ -151,6 +152,8 @@ class NodeOptions(OneLineOptions):
          "(default tcp:2013:interface=127.0.0.1)."],
         ["listen", None, "tcp:0:interface=127.0.0.1",
          "Endpoint where this node accepts harbor links."],
+        ["advertise", None, None, "The endpoint other nodes dial to reach --listen (default: "
+         "its address; the host name when it listens on every interface)."],
         ["secret-file", None, "~/.skyproto.cookie",
          "Cluster secret (created with mode 0600 if missing)."],
         ["timeout", None, 10.0, "Default call timeout in seconds.", _positive_float],
@@ -234,6 +237,16 @@ def describe_address(port: IListeningPort) -> str:
     if kind == "UNIXAddress":
         return f"unix:{host.name.decode() if isinstance(host.name, bytes) else host.name}"  # type: ignore[attr-defined]
     return str(host)
+
+
+def advertised_address(port: IListeningPort) -> str:
+    """Where other nodes reach a listening port: its address, but the host's name when it
+    listens on every interface (0.0.0.0 or ::), which no peer can dial."""
+    address = describe_address(port)
+    host = port.getHost()
+    if isinstance(host, IPv4Address | IPv6Address) and host.host in ("0.0.0.0", "::"):
+        return f"tcp:{socket.getfqdn()}:{host.port}"
+    return address
 
 
 def listen_at_once(listening: Deferred[IListeningPort], what: str,
@@ -360,7 +373,7 @@ def make_node_service(options: NodeOptions) -> IService:
                                    options["gate"], program)
     except ConfigurationError as e:
         exit_with(str(e), program)
-    address = describe_address(port)
+    address = options["advertise"] or advertised_address(port)
     if gate_port is not None:
         log.info("gate for {target} listening on {address} ({framing} framing)",
                  target=options["gate-service"], address=describe_address(gate_port),

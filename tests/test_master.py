@@ -263,7 +263,9 @@ def test_auto_harbor_is_assigned_by_the_master_and_kept_across_a_restart():
     joined: list[int] = []
     auto.join_master("loopback:master", "auto@test", "loopback:auto",
                      on_joined=lambda harbor: (joined.append(harbor), auto.spawn(Echo())))
-    cluster.settle()
+    cluster.settle(1.9)
+    assert joined == []  # the master waits out its start-up grace before assigning
+    cluster.settle(0.2)
     assert joined == [2] and auto.harbor == 2
     assert cluster.master.registry.lookup("ECHO") == 0x02000002
     cluster.kill_master()
@@ -271,3 +273,47 @@ def test_auto_harbor_is_assigned_by_the_master_and_kept_across_a_restart():
     cluster.settle(1.5)
     assert auto.harbor == 2 and joined == [2]  # re-joined with the id it was given
     assert cluster.master.registry.lookup("ECHO") == 0x02000002
+
+
+def test_an_auto_newcomer_right_after_a_master_restart_takes_no_live_id():
+    cluster = Cluster()
+    a = cluster.node(1)
+    cluster.settle(2.1)
+    cluster.kill_master()
+    cluster.settle(3)  # a's reconnect backoff reaches its 1 s cap
+    cluster.start_master()
+    newcomer = Node(0, cluster.clock, SECRET)
+    newcomer.listen("loopback:newcomer")
+    newcomer.join_master("loopback:master", "new@test", "loopback:newcomer")
+    cluster.settle(3)
+    assert newcomer.harbor == 2
+    assert not cluster.refusals.get(1)
+    assert [r.harbor for r in cluster.master.registry.snapshot().harbors] == [1, 2]
+    assert a.master.connected
+
+
+def test_a_name_refused_at_join_is_dropped_by_the_loser():
+    cluster = Cluster()
+    a, b = cluster.node(1), cluster.node(2)
+    a.register_name("DB", a.spawn(Echo(), ".a"))
+    cluster.settle()
+    cluster.kill_master()
+    b.names["DB"] = b.spawn(Echo(), ".b")  # b claims DB while the master is away
+    cluster.start_master()
+    cluster.settle(1.5)
+    owner = cluster.master.registry.lookup("DB")
+    loser = b if owner == a.names.get("DB") else a
+    assert "DB" not in loser.names
+    assert loser.resolve("DB") == owner
+
+
+def test_killing_a_service_unregisters_its_global_name():
+    cluster = Cluster()
+    a, b = cluster.node(1), cluster.node(2)
+    handle = a.spawn(Echo())
+    cluster.settle()
+    assert b.membership.names.get("ECHO") == handle
+    a.kill(handle)
+    cluster.settle()
+    assert cluster.master.registry.lookup("ECHO") is None
+    assert "ECHO" not in b.membership.names

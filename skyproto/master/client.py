@@ -61,6 +61,10 @@ from .registry import Event, HarborJoined, HarborLeft, HarborRecord, NameBound, 
 _BEAT = MASTER_CODEC.encode(MasterHeartbeat())
 
 
+class _QuietFactory(Factory):
+    noisy = False  # it reconnects often; the client logs what matters
+
+
 @attrs.frozen
 class JoinInfo:
     """Who this node is, for every join (``harbor`` 0 asks the master to assign one)."""
@@ -183,7 +187,7 @@ class MasterClient:
         self.max_frame = max_frame
         rng = rng or random.Random()
         self._service = ClientService(
-            self.endpoint, Factory.forProtocol(lambda: MasterClientProtocol(self)),
+            self.endpoint, _QuietFactory.forProtocol(lambda: MasterClientProtocol(self)),
             retryPolicy=backoffPolicy(retry_initial, retry_max, 2.0,
                                       jitter=lambda: rng.uniform(0, retry_initial)),
             clock=reactor,
@@ -197,6 +201,7 @@ class MasterClient:
         self.names: dict[str, int] = {}
         self.welcomes = 0
         self.refusal: str | None = None
+        self._resyncing = False
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -283,6 +288,7 @@ class MasterClient:
         self.harbor = welcome.harbor
         if self.join is not None and self.join.harbor != welcome.harbor:
             self.join = attrs.evolve(self.join, harbor=welcome.harbor)  # keep it on rejoin
+        self._resyncing = False
         self._replace(welcome.table)
         for name in welcome.refused_names:
             self.log.warn("the master refused name {name}: another node holds it", name=name)
@@ -303,12 +309,15 @@ class MasterClient:
             waiter.callback(protocol)
 
     def _event(self, protocol: MasterClientProtocol, event: Event) -> None:
-        if event.sequence <= self.sequence:
-            return  # already in the table we were given
+        if event.sequence <= self.sequence or self._resyncing:
+            # Already in our table, or in the one we asked for: the master answers on this
+            # same connection, so its reply covers every event pushed before it.
+            return
         if event.sequence != self.sequence + 1:
             self.log.info("missed events {first}..{last}: fetching the table",
                           first=self.sequence + 1, last=event.sequence - 1)
-            self.get_table().addCallbacks(self._resync, lambda f: None)
+            self._resyncing = True
+            self.get_table().addCallbacks(self._resync, self._resync_failed)
             return
         self.sequence = event.sequence
         if isinstance(event, HarborJoined):
@@ -323,7 +332,11 @@ class MasterClient:
             del self.names[event.name]
         self.listener.master_event(event)
 
+    def _resync_failed(self, failure: Failure) -> None:
+        self._resyncing = False  # the connection went; the next welcome brings the table
+
     def _resync(self, table: Table) -> None:
+        self._resyncing = False
         if table.sequence > self.sequence:
             self._replace(table)
             self.listener.master_table(table, False)
@@ -352,8 +365,9 @@ class MasterClient:
             return
         self.protocol = None
         self._requests.fail_all(MasterUnavailable(f"connection to the master lost: {reason}"))
-        self.log.info("lost the master at {master}: {reason}; reconnecting",
-                      master=self.endpoint_description, reason=reason)
+        if self._service.running:
+            self.log.info("lost the master at {master}: {reason}; reconnecting",
+                          master=self.endpoint_description, reason=reason)
         self.listener.master_lost(reason)
 
     def _fail_waiters(self, error: Exception) -> None:

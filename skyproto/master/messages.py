@@ -49,8 +49,8 @@ class MasterChallenge:
 class Join:
     """Node -> master: its proof, then who it is and the global names it holds.
 
-    ``harbor`` 0 asks the master to assign one. ``names`` is non-empty after a master
-    restart: the node re-asserts what it held.
+    ``harbor`` 0 asks the master to assign one. ``names`` are the node's global names,
+    re-asserted at every join (so a restarted master gets them back).
     """
 
     proof: bytes

@@ -100,6 +100,22 @@ class MasterConnection(FrameProtocol):
         if isinstance(message, Observe):
             self.state = "observing"
             return
+        wait = self.service.auto_grace_left() if message.harbor == 0 else 0.0
+        if wait > 0:
+            # Just after a (re)start the table lacks live nodes that have not re-joined yet;
+            # assigning now could hand out one of their ids. Answer once they are back.
+            self.state = "waiting"
+            self._timer = self.service.clock.callLater(wait, self._join, message)
+            return
+        self._join(message)
+
+    def _on_waiting(self, message: object) -> None:
+        raise ProtocolError(f"unexpected {type(message).__name__} before the welcome")
+
+    def _join(self, message: Join) -> None:
+        self._timer = None
+        if self.transport is None or self.state == "closing":
+            return
         try:
             joined = self.service.registry.join(
                 message.harbor, message.node, message.endpoint, message.incarnation,
@@ -200,8 +216,12 @@ class MasterService(Factory):
 
     def __init__(self, registry: IRegistry, clock: IReactorTime, secret: bytes,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 3.0,
-                 handshake_timeout: float = 5.0, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+                 handshake_timeout: float = 5.0, max_frame: int = DEFAULT_MAX_FRAME,
+                 auto_grace: float = 2.0) -> None:
         self.registry = registry
+        #: after start, how long ``--harbor auto`` joins wait for live nodes to re-join
+        self.auto_grace = auto_grace
+        self.started_at = clock.seconds()
         self.clock = clock
         self.secret = secret
         self.heartbeat_interval = heartbeat_interval
@@ -213,6 +233,9 @@ class MasterService(Factory):
 
     def buildProtocol(self, addr: object) -> MasterConnection:
         return MasterConnection(self)
+
+    def auto_grace_left(self) -> float:
+        return self.started_at + self.auto_grace - self.clock.seconds()
 
     def connected(self) -> int:
         return len(self.joined)

@@ -86,6 +86,12 @@ class ClusterMembership:
             if self.names.get(name) != handle:
                 self._publish(NameBound(table.sequence, name, handle))
         self.names = new_names
+        for name, handle in self.node.global_names().items():
+            if table.names.get(name) != handle:
+                # refused at the join: another node held it first, so it is not ours
+                self.log.warn("name {name} is held by {holder}, not by {handle}; dropping it",
+                              name=name, holder=table.names.get(name), handle=handle)
+                del self.node.names[name]
         if first and self.on_joined is not None:
             self.on_joined(self.node.harbor)
 

@@ -155,9 +155,15 @@ class Node:
         del self.services[local_of(handle)]
         for name in [n for n, h in self.names.items() if h == handle]:
             del self.names[name]
+            if self.master is not None and not name.startswith("."):
+                self.master.unregister_name(name).addErrback(self._unregister_failed, name)
         stopped = getattr(service, "stopped", None)
         if stopped is not None:
             stopped()
+
+    def _unregister_failed(self, failure: Failure, name: str) -> None:
+        self.log.info("name {name} stays at the master until its harbor leaves: {why}",
+                      name=name, why=failure.getErrorMessage())
 
     def register_name(self, name: str, handle: int) -> Deferred[None]:
         """Bind ``name`` to ``handle``; fires when done, fails with NameConflict if taken.
