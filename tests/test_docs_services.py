@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,11 @@ __all__ = ["daemons"]
 DOC = Path(__file__).resolve().parent.parent / "docs" / "services.md"
 
 
-def example_namespace() -> dict:
+def example_namespace() -> dict[str, Any]:
     text = DOC.read_text()
     match = re.search(r"<!-- example: service -->\s*```python\n(.+?)```", text, re.S)
     assert match, "docs/services.md lost its marked example"
-    namespace: dict = {}
+    namespace: dict[str, Any] = {}
     exec(compile(match.group(1), str(DOC), "exec"), namespace)
     return namespace
 

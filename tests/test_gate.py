@@ -55,7 +55,8 @@ def say(clock: Clock, client: Any, *lines: str) -> list[str]:
     for line in lines:
         client.transport.write(line.encode() + b"\n")
     clock.advance(0)
-    return client.lines
+    replies: list[str] = client.lines
+    return replies
 
 
 def test_request_payload_keeps_spaces_in_the_last_part():

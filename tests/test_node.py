@@ -288,24 +288,54 @@ def test_wrong_secret_is_refused_and_nothing_links():
     assert 1 not in b.router.peers or b.router.peers[1].link is None
 
 
-def test_newer_incarnation_replaces_the_old_link():
+def test_a_restarted_harbor_links_again_as_its_new_incarnation():
     clock, (a, b) = mesh(2)
     pending = a.call(b.spawn(Parked()), "x")
     clock.advance(0)
-    # harbor 2 "restarts": a new process (new incarnation) dials harbor 1
+    # harbor 2 crashes (its link drops) and a new process, a new incarnation, dials harbor 1
     b.router.stopping = True
     for port in b._ports:
         port.stopListening()
+    a.router.peers[2].link.transport.connection.cut("crash")
+    clock.advance(0)
+    assert "harbor 2" in str(failure_of(pending, HarborDown).value)
     b2 = Node(2, clock, SECRET, incarnation=b.incarnation + 1)
     b2.listen("loopback:h2b")
     echo = b2.spawn(Echo())
     b2.add_peer(1, "loopback:h1")
     clock.advance(0)
-    assert "restarted" in str(failure_of(pending, HarborDown).value)
     assert a.router.peers[2].link.peer_incarnation == b2.incarnation
     d = a.call(echo, "new")
     clock.advance(0)
     assert result_of(d) == "new"
+
+
+def test_an_impostor_cannot_take_a_live_harbor_id_over_a_link():
+    clock, (a, b) = mesh(2)
+    echo = b.spawn(Echo())
+    impostor = Node(2, clock, SECRET, incarnation=b.incarnation + 1)
+    impostor.listen("loopback:impostor")
+    impostor.add_peer(1, "loopback:h1")
+    clock.advance(0)
+    link = a.router.peers[2].link
+    assert link.peer_incarnation == b.incarnation  # the live node keeps its link
+    assert "held by live incarnation" in impostor.router.peers[1].last_error
+    d = a.call(echo, "still the real one")
+    clock.advance(0)
+    assert result_of(d) == "still the real one"
+
+
+def test_calls_to_a_down_harbor_say_why():
+    clock = Clock()
+    a = make_node(clock, 1)
+    b = make_node(clock, 2, secret=b"another secret")
+    a.add_peer(2, "loopback:h2")
+    clock.advance(0)
+    for _ in range(2):  # queued during the dial, and made while waiting to redial
+        failure = failure_of(a.call(make_handle(2, 2), "x"), HarborDown)
+        assert "secret" in str(failure.value)
+        clock.advance(0)
+    del b
 
 
 def test_both_sides_dial_and_keep_one_link_per_pair():

@@ -144,7 +144,8 @@ class HarborLink(FrameProtocol):
         why = self._lost_reason or reason.value
         if self.up:
             self.up = False
-            self.log.info("harbor {peer} link lost: {why}", peer=self.peer_harbor, why=why)
+            self.log.info("harbor {peer} (incarnation {incarnation}) link lost: {why}",
+                          peer=self.peer_harbor, incarnation=self.peer_incarnation, why=why)
             self.sink.link_down(self, HarborDown(f"link to harbor {self.peer_harbor} lost: {why}"))
         elif self.dialer and not self.ready.called:
             self.ready.errback(why if isinstance(why, Exception) else HarborDown(str(why)))
@@ -172,6 +173,8 @@ class HarborLink(FrameProtocol):
                       reason=reason)
         self._lost_reason = HarborDown(reason)
         if self.transport is not None:
+            if self.up:
+                self._send_control(LinkRefused(reason))  # so the peer knows why
             self.transport.loseConnection()
 
     # --- internals ---------------------------------------------------------------------

@@ -145,7 +145,7 @@ class MasterClientProtocol(FrameProtocol):
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         self._heartbeat.stop()
-        self.client._lost(self, reason.getErrorMessage())
+        self.client._lost(self, self.drop_reason or reason.getErrorMessage())
 
 
 @implementer(IMasterClient)

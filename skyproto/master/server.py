@@ -202,7 +202,7 @@ class MasterConnection(FrameProtocol):
         self.service.connections.discard(self)
         if self.state == "joined" and self.service.joined.get(self.harbor) is self:
             del self.service.joined[self.harbor]
-            why = reason.getErrorMessage()
+            why = self.drop_reason or reason.getErrorMessage()
             self.log.info("harbor {harbor} left: {why}", harbor=self.harbor, why=why)
             self.service.push(self.service.registry.leave(self.harbor, self.incarnation, why))
 

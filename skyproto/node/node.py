@@ -94,7 +94,8 @@ class Node:
                                  heartbeat_timeout, max_frame=max_frame,
                                  max_outbound=max_outbound)
         self.router = Router(reactor, self.config, self._deliver, self._harbor_lost,
-                             self._undeliverable, max_queue=max_queue, resolver=resolver)
+                             self._undeliverable, self._expected_incarnation,
+                             max_queue=max_queue, resolver=resolver)
         self.services: dict[int, IServiceBehaviour] = {}
         #: names this node bound itself: local (``.x``) ones, and global ones it holds
         self.names: dict[str, int] = {}
@@ -199,6 +200,10 @@ class Node:
         if name.startswith(".") or self.master is None:
             return succeed(None)
         return self.master.unregister_name(name)
+
+    def _expected_incarnation(self, harbor: int) -> int | None:
+        record = self.membership.harbors.get(harbor)
+        return record.incarnation if record is not None else None
 
     def global_names(self) -> dict[str, int]:
         """The global names this node holds, re-asserted at every join."""

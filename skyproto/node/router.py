@@ -43,6 +43,8 @@ class Peer:
     queue: deque[Message] = attrs.field(factory=deque)
     retry: IDelayedCall | None = None
     backoff: float = 0.0
+    #: why the harbor is down, told to every caller until it is up again
+    last_error: str = ""
 
     @property
     def state(self) -> str:
@@ -64,6 +66,7 @@ class Router:
         deliver: Deliver,
         harbor_lost: HarborLost,
         undeliverable: Undeliverable,
+        expected_incarnation: Callable[[int], int | None] = lambda harbor: None,
         max_queue: int = 1000,
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
@@ -76,6 +79,8 @@ class Router:
         self.deliver = deliver
         self.harbor_lost = harbor_lost
         self.undeliverable = undeliverable
+        #: the incarnation the master says is live (None without a master)
+        self.expected_incarnation = expected_incarnation
         self.max_queue = max_queue
         self.retry_initial = retry_initial
         self.retry_max = retry_max
@@ -157,7 +162,8 @@ class Router:
         elif peer is None:
             raise HarborDown(f"harbor {harbor} is not known to this node")
         else:
-            raise HarborDown(f"harbor {harbor} is down")
+            why = f": {peer.last_error}" if peer.last_error else ""
+            raise HarborDown(f"harbor {harbor} is down{why}")
 
     # --- IMessageSink ------------------------------------------------------------------
 
@@ -176,12 +182,20 @@ class Router:
                     return
                 peer.link = None
                 current.close("duplicate link")
+            elif self.expected_incarnation(harbor) != link.peer_incarnation:
+                # The live link says this incarnation is alive. A real restart loses that
+                # link at once (or within the heartbeat bound) and redials; anything else
+                # is an impostor claiming a live harbor id.
+                link.close(f"harbor {harbor} is held by live incarnation "
+                           f"{current.peer_incarnation}")
+                return
             else:
                 peer.link = None
                 current.close(f"replaced by incarnation {link.peer_incarnation}")
                 self.harbor_lost(harbor, HarborDown(
                     f"harbor {harbor} restarted (incarnation {link.peer_incarnation})"))
         peer.link = link
+        peer.last_error = ""
         peer.backoff = 0.0
         if peer.retry is not None and peer.retry.active():
             peer.retry.cancel()
@@ -195,6 +209,7 @@ class Router:
         if peer is None or peer.link is not link:
             return  # a superseded or forgotten link: its harbor is not down
         peer.link = None
+        peer.last_error = str(reason)
         self.harbor_lost(peer.harbor, reason)
         if not self.stopping and peer.endpoint is not None:
             self._forget_address(peer)
@@ -253,6 +268,7 @@ class Router:
         error = HarborDown(
             f"harbor {peer.harbor} at {peer.endpoint} is unreachable: {failure.getErrorMessage()}"
         )
+        peer.last_error = str(error)
         self._fail_queue(peer, error)
         if peer.link is None and not self.stopping:
             delay = self._schedule_retry(peer)

@@ -58,6 +58,8 @@ class FrameProtocol(IntNStringReceiver):
         self.congested = False
         #: bytes written since the transport said it was full
         self.backlog = 0
+        #: why :meth:`drop` dropped the connection, for connectionLost to report
+        self.drop_reason: str | None = None
 
     @property
     def max_frame(self) -> int:
@@ -108,6 +110,7 @@ class FrameProtocol(IntNStringReceiver):
     def drop(self, reason: str) -> None:
         """Abort this connection (only this one), logging why; later frames are ignored."""
         assert self.transport is not None
+        self.drop_reason = reason
         self.paused = True  # stops IntNStringReceiver's loop over frames already buffered
         self.log.warn(
             "dropping connection from {peer}: {reason}",
