@@ -49,6 +49,7 @@ class GateConfig:
     max_request: int = 4096  #: bytes in one line or packet
     max_in_flight: int = 64  #: requests of one client awaiting replies before we stop reading
     timeout: float | None = None  #: per request (None: the node's default call timeout)
+    idle_timeout: float = 300.0  #: seconds without a request or a reply before we close
 
 
 def request_payload(text: str) -> list[str]:
@@ -107,13 +108,29 @@ class GateClient:
     resumeProducing: Callable[[], None]
 
     def client_connected(self) -> None:
+        clock = self.factory.node.reactor
+        self.last_active = clock.seconds()
+        self.idle = clock.callLater(self.factory.config.idle_timeout, self._idle)
         self.holds: set[str] = set()
         self.replies: deque[list[Any]] = deque()  # [reply text or None] per request, in order
         self.agent = Agent()
         self.agent_handle = self.factory.node.spawn(self.agent)
         self.transport.registerProducer(_Backpressure(self), True)
 
+    def _active(self) -> None:
+        self.last_active = self.factory.node.reactor.seconds()
+        if self.idle.active():
+            self.idle.reset(self.factory.config.idle_timeout)
+
+    def _idle(self) -> None:
+        if self.replies:  # still waiting on the cluster for it: not idle
+            self.idle = self.factory.node.reactor.callLater(
+                self.factory.config.idle_timeout, self._idle)
+            return
+        self.refuse(f"idle for {self.factory.config.idle_timeout:g} s")
+
     def request(self, raw: bytes) -> None:
+        self._active()
         slot: list[Any] = [None]
         self.replies.append(slot)
         try:
@@ -143,6 +160,7 @@ class GateClient:
         self._flush()
 
     def _flush(self) -> None:
+        self._active()
         while self.replies and self.replies[0][0] is not None:
             text = self.replies.popleft()[0]
             if self.transport is not None and not self.transport.disconnecting:
@@ -170,6 +188,9 @@ class GateClient:
 
     def client_lost(self) -> None:
         self.factory.clients.discard(self)
+        idle = getattr(self, "idle", None)
+        if idle is not None and idle.active():
+            idle.cancel()
         handle = getattr(self, "agent_handle", 0)
         if handle:
             with contextlib.suppress(NoSuchService):  # the node may have stopped first
@@ -248,13 +269,21 @@ class GateFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol:
         if len(self.clients) >= self.config.max_clients:
-            self.log.warn("gate refusing {peer}: {count} clients already", peer=addr,
-                          count=len(self.clients))
-            message = b"ERROR too many clients"
-            framed = (len(message).to_bytes(2, "big") + message if self.config.framing ==
-                      "packet" else message + b"\n")
-            return _Busy(framed)
+            # Full: make room by closing the least recently active client. Idle
+            # connections (which need no secret to open) go first; busy clients stay.
+            victim = min(self.clients, key=lambda client: client.last_active, default=None)
+            if victim is None:
+                return _Busy(self._framed(b"ERROR too many clients"))
+            self.log.warn("gate full ({count} clients): closing the least active, {peer}",
+                          count=len(self.clients), peer=victim.transport.getPeer())
+            self.clients.discard(victim)
+            victim.refuse("the gate is full and this connection was the least active")
         client: GateClient = LineClient() if self.config.framing == "line" else PacketClient()
         client.factory = self
         self.clients.add(client)
         return client  # type: ignore[return-value]
+
+    def _framed(self, message: bytes) -> bytes:
+        if self.config.framing == "packet":
+            return len(message).to_bytes(2, "big") + message
+        return message + b"\n"

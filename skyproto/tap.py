@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -32,7 +32,7 @@ from .mapper.epmd import DEFAULT_PORT as EPMD_PORT
 from .mapper.server import MapperServerFactory, relaxed_from_environ
 from .master.registry import InMemoryRegistry
 from .master.server import MasterService
-from .node.mapping import HostMapper, NodeResolver, parse_endpoint_description
+from .node.mapping import HostMapper, NodeResolver, is_node_name, parse_endpoint_description
 from .node.node import Node
 from .services import load_service_class
 from .wire.framing import DEFAULT_MAX_FRAME
@@ -374,6 +374,11 @@ def make_node_service(options: NodeOptions) -> IService:
     except ConfigurationError as e:
         exit_with(str(e), program)
     address = options["advertise"] or advertised_address(port)
+    if options["advertise"] and not is_node_name(address):
+        try:
+            clientFromString(reactor, address)
+        except (ValueError, KeyError, TypeError) as e:
+            exit_with(f"--advertise {address!r} is not a client endpoint: {e}", program)
     if gate_port is not None:
         log.info("gate for {target} listening on {address} ({framing} framing)",
                  target=options["gate-service"], address=describe_address(gate_port),

@@ -591,7 +591,8 @@ def test_stated_master_refusals_are_what_the_master_sends() -> None:
     registry = InMemoryRegistry()
     for harbor in range(1, 256):
         registry.join(harbor, f"n{harbor}@db1", "tcp:127.0.0.1:1", 1, {}, 0.0)
-    refusals.extend(MasterPeer(MasterService(registry, Clock(), MASTER_SECRET, auto_grace=0)).join(0))
+    no_grace = MasterService(registry, Clock(), MASTER_SECRET, auto_grace=0)
+    refusals.extend(MasterPeer(no_grace).join(0))
 
     assert all(isinstance(r, Refused) for r in refusals), refusals
     assert {r.reason for r in refusals} == documented

@@ -135,19 +135,39 @@ def test_over_long_line_is_refused_and_only_that_client_goes():
     assert say(clock, good, "SET k v", "GET k") == ["OK", "VALUE v"]
 
 
-def test_client_limit():
+def test_a_full_gate_closes_its_least_active_client_for_a_newcomer():
     clock = Clock()
     node = Node(1, clock, SECRET)
     node.spawn(SimpleDB())
     factory = gate(clock, node, max_clients=2)
-    first, second, third = connect(clock), connect(clock), connect(clock)
+    idle, busy = connect(clock), connect(clock)
+    clock.advance(1)
+    assert say(clock, busy, "SET a b") == ["OK"]
+    newcomer = connect(clock)
     clock.advance(0)
-    assert third.lines == ["ERROR too many clients"] and third.closed
+    assert idle.lines == ["ERROR the gate is full and this connection was the least active"]
+    assert idle.closed and not busy.closed
     assert len(factory.clients) == 2
-    first.transport.loseConnection()
+    assert say(clock, newcomer, "GET a") == ["VALUE b"]
+    assert say(clock, busy, "GET a") == ["OK", "VALUE b"]
+
+
+def test_idle_clients_are_closed_but_not_while_a_reply_is_pending():
+    clock = Clock()
+    node = Node(1, clock, SECRET, default_timeout=60)
+    slow = Parked()
+    node.spawn(slow, "TARGET")
+    gate(clock, node, target="TARGET", idle_timeout=10)
+    waiting, silent = connect(clock), connect(clock)
+    say(clock, waiting, "slow request")
+    clock.advance(10)
+    assert silent.closed and silent.lines == ["ERROR idle for 10 s"]
+    assert not waiting.closed  # its request is still with the cluster
+    slow.waiting[0].callback("done")
     clock.advance(0)
-    assert len(factory.clients) == 1
-    assert say(clock, second, "SET a b") == ["OK"]
+    assert waiting.lines == ["done"]
+    clock.advance(10)
+    assert waiting.closed
 
 
 def test_agents_come_and_go_with_their_clients():

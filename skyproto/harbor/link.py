@@ -37,6 +37,8 @@ _CONTROL = bytes([FrameKind.CONTROL])
 _DATA = FrameKind.DATA
 _HEARTBEAT = _CONTROL + HARBOR_CODEC.encode(Heartbeat())
 _CLOSED = Failure(ConnectionDone())
+#: handshake messages are under 200 bytes; nothing bigger is read before the proof
+HANDSHAKE_MAX_FRAME = 4096
 _HEADER_SIZE = DATA_HEADER.size
 
 
@@ -67,7 +69,7 @@ class HarborLink(FrameProtocol):
         expect_harbor: int | None = None,
         registry: set[HarborLink] | None = None,
     ) -> None:
-        super().__init__(config.max_frame, config.max_outbound)
+        super().__init__(config.max_frame, config.max_outbound, HANDSHAKE_MAX_FRAME)
         self.registry = registry
         self.config = config
         self.sink = sink
@@ -119,6 +121,9 @@ class HarborLink(FrameProtocol):
             source, destination, session, ptype = decode_data_header(frame)
             if harbor_of(source) != self.peer_harbor:
                 raise ProtocolError(f"source {source:#010x} is not on harbor {self.peer_harbor}")
+            if harbor_of(destination) != self.config.harbor:
+                raise ProtocolError(f"destination {destination:#010x} is not on this harbor "
+                                    f"({self.config.harbor}): links carry no transit")
             try:
                 payload = decode_payload(frame[_HEADER_SIZE:])
             except ProtocolError as e:
@@ -208,6 +213,7 @@ class HarborLink(FrameProtocol):
             self.peer_harbor = step.peer.harbor
             self.peer_incarnation = step.peer.incarnation
             self.up = True
+            self.authenticated()
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None

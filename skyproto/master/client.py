@@ -79,7 +79,7 @@ class MasterClientProtocol(FrameProtocol):
     """One connection to the master: handshake, join, then events and replies."""
 
     def __init__(self, client: MasterClient) -> None:
-        super().__init__(client.max_frame)
+        super().__init__(client.max_frame, max_frame_before_auth=4096)
         self.client = client
         self.state = "challenge"
         self.nonce = new_nonce()
@@ -116,6 +116,7 @@ class MasterClientProtocol(FrameProtocol):
                                            "our cluster secret")
                 return
             proof = prove(self.client.secret, NODE_ROLE, text)
+            self.authenticated()  # the master proved the secret: its table may be large
             if self.client.join is None:
                 self.send(Observe(proof))
                 self.state = "up"

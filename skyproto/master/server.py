@@ -43,13 +43,17 @@ from .messages import (
 from .registry import Event, RegistryRefusal
 
 _BEAT = MASTER_CODEC.encode(MasterHeartbeat())
+#: a Join carries the node's names: room for a few thousand before the proof is checked
+JOIN_MAX_FRAME = 256 * 1024
+#: the longest harbor endpoint the master accepts and pushes to every node
+MAX_ENDPOINT = 1024
 
 
 class MasterConnection(FrameProtocol):
     """One node (or observer) connected to the master."""
 
     def __init__(self, service: MasterService) -> None:
-        super().__init__(service.max_frame)
+        super().__init__(service.max_frame, max_frame_before_auth=JOIN_MAX_FRAME)
         self.service = service
         self.state = "hello"
         self.nonce = new_nonce()
@@ -97,6 +101,7 @@ class MasterConnection(FrameProtocol):
             self._refuse("authentication failed: wrong cluster secret")
             return
         self._handshake_done()
+        self.authenticated()
         if isinstance(message, Observe):
             self.state = "observing"
             return
@@ -115,6 +120,10 @@ class MasterConnection(FrameProtocol):
     def _join(self, message: Join) -> None:
         self._timer = None
         if self.transport is None or self.state == "closing":
+            return
+        endpoint = message.endpoint
+        if not endpoint or len(endpoint) > MAX_ENDPOINT or not endpoint.isprintable():
+            self._refuse(f"unusable harbor endpoint {endpoint[:80]!r}")
             return
         try:
             joined = self.service.registry.join(

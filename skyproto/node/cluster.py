@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..errors import ConfigurationError
 from ..interfaces import IMasterListener
 from ..master.registry import (
     Event,
@@ -65,7 +66,8 @@ class ClusterMembership:
             if harbor == self.node.harbor:
                 continue
             known = self.harbors.get(harbor)
-            router.add_peer(harbor, record.endpoint, dial=True)
+            if not self._add_peer(record, dial=True):
+                continue
             if known is None or known.incarnation != record.incarnation:
                 self._publish(HarborJoined(table.sequence, record))
             self.harbors[harbor] = record
@@ -100,8 +102,9 @@ class ClusterMembership:
             record = event.record
             if record.harbor == self.node.harbor:
                 return
+            if not self._add_peer(record, dial=False):
+                return
             self.harbors[record.harbor] = record
-            self.node.router.add_peer(record.harbor, record.endpoint, dial=False)
         elif isinstance(event, HarborLeft):
             left = self.harbors.get(event.harbor)
             if left is not None and left.incarnation == event.incarnation:
@@ -113,6 +116,16 @@ class ClusterMembership:
         elif isinstance(event, NameUnbound) and self.names.get(event.name) == event.handle:
             del self.names[event.name]
         self._publish(event)
+
+    def _add_peer(self, record: HarborRecord, dial: bool) -> bool:
+        """Tell the router where a harbor listens; one bad record must not cut us off."""
+        try:
+            self.node.router.add_peer(record.harbor, record.endpoint, dial=dial)
+        except ConfigurationError as e:
+            self.log.error("cannot reach harbor {harbor} ({node}): {error}",
+                           harbor=record.harbor, node=record.node, error=e)
+            return False
+        return True
 
     def master_refused(self, reason: str) -> None:
         if self.on_refused is not None:

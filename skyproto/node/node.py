@@ -282,7 +282,7 @@ class Node:
                payload: Any) -> None:
         if destination >> 24 == self.harbor:
             if session <= 0 and (destination & 0xFFFFFF) not in self.services:
-                raise NoSuchService(f"no service {format_handle(destination)}")
+                raise NoSuchService(f"no service :{destination:08x}")
             self._inbox.append((source, destination, session, ptype, payload))
             if not self._draining:
                 self._draining = True
@@ -313,7 +313,7 @@ class Node:
             return
         service = self.services.get(destination & 0xFFFFFF)
         if service is None or destination >> 24 != self.harbor:
-            error = NoSuchService(f"no service {format_handle(destination)}")
+            error = NoSuchService(f"no service :{destination:08x}")  # may be malformed
             if session:
                 self._reply(destination, source, -session, _ERROR,
                             ["nosuchservice", "NoSuchService", str(error)])

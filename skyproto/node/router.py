@@ -168,6 +168,9 @@ class Router:
     # --- IMessageSink ------------------------------------------------------------------
 
     def link_up(self, link: IHarborLink) -> None:
+        if self.stopping:  # a dial (or an accept) that completed after stop()
+            link.close("node stopping")
+            return
         harbor = link.peer_harbor
         peer = self.peers.setdefault(harbor, Peer(harbor))
         current = peer.link
@@ -238,7 +241,11 @@ class Router:
 
     def _dial(self, peer: Peer) -> None:
         assert peer.endpoint is not None
+        if self.stopping:
+            return
         peer.dialing = True
+        if peer.retry is not None and peer.retry.active():
+            peer.retry.cancel()
         peer.retry = None
         factory = self.link_factory(dialer=True, expect_harbor=peer.harbor)
         target = peer.endpoint
@@ -287,6 +294,8 @@ class Router:
 
     def _retry(self, peer: Peer) -> None:
         peer.retry = None
+        if self.stopping:
+            return
         if self.peers.get(peer.harbor) is peer and peer.link is None and not peer.dialing:
             self._dial(peer)
 

@@ -51,8 +51,12 @@ class FrameProtocol(IntNStringReceiver):
     log = Logger()
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME,
-                 max_outbound: int = DEFAULT_MAX_OUTBOUND) -> None:
-        self.MAX_LENGTH = max_frame
+                 max_outbound: int = DEFAULT_MAX_OUTBOUND,
+                 max_frame_before_auth: int | None = None) -> None:
+        # Until the peer has proven the secret its frames are held to a small limit, so
+        # that connections without the secret cannot make us buffer max_frame bytes each.
+        self.max_frame_after_auth = max_frame
+        self.MAX_LENGTH = min(max_frame, max_frame_before_auth or max_frame)
         self.max_outbound = max_outbound
         #: the peer is not reading fast enough: the transport's buffer is over its mark
         self.congested = False
@@ -64,6 +68,10 @@ class FrameProtocol(IntNStringReceiver):
     @property
     def max_frame(self) -> int:
         return self.MAX_LENGTH
+
+    def authenticated(self) -> None:
+        """The peer proved the secret: accept frames up to the full limit."""
+        self.MAX_LENGTH = self.max_frame_after_auth
 
     def connectionMade(self) -> None:
         assert self.transport is not None
