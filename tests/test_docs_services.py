@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
