@@ -48,13 +48,14 @@ class SessionTable:
         clock: IReactorTime,
         default_timeout: float | None = None,
         id_limit: int = SESSION_MAX,
+        first_id: int = 1,
     ) -> None:
         self.clock = clock
         self.default_timeout = default_timeout
         self.id_limit = id_limit
         self._pending: dict[int, _Pending] = {}
         self._by_harbor: dict[int, set[int]] = {}
-        self._next = 1
+        self._next = first_id
         # Timeouts without a timer per call: sessions grouped by deadline bucket, and one
         # timer for the earliest bucket. Scheduling a DelayedCall per call cost more than
         # the rest of a call's bookkeeping together.

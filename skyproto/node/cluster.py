@@ -45,6 +45,8 @@ class ClusterMembership:
         self.on_refused = on_refused
         self.on_joined: Callable[[int], object] | None = None
         self.harbors: dict[int, HarborRecord] = {}
+        #: harbors a restarted master does not list yet, kept while our link to them is up
+        self.kept: set[int] = set()
         self.names: dict[str, int] = {}
         self.subscribers: list[Subscriber] = []
 
@@ -71,13 +73,15 @@ class ClusterMembership:
             if known is None or known.incarnation != record.incarnation:
                 self._publish(HarborJoined(table.sequence, record))
             self.harbors[harbor] = record
+        self.kept.clear()  # recomputed from this table
         for harbor in [h for h in self.harbors if h not in listed]:
             if router.state(harbor) == "up":
-                continue  # alive, and will re-join the restarted master
-            record = self.harbors.pop(harbor)
-            router.remove_peer(harbor, "not in the master's table", record.incarnation)
-            self._publish(HarborLeft(table.sequence, harbor, record.incarnation,
-                                     "not in the master's table"))
+                self.kept.add(harbor)  # alive, and will re-join the restarted master
+                continue
+            self._forget(harbor, table.sequence, "not in the master's table")
+        for harbor, peer in list(router.peers.items()):
+            if harbor not in listed and harbor not in self.harbors and peer.link is None:
+                router.remove_peer(harbor, "not in the master's table")  # never announced
         kept = {name: handle for name, handle in self.names.items()
                 if handle >> 24 in self.harbors and handle >> 24 not in listed}
         new_names = {**kept, **table.names}
@@ -102,6 +106,7 @@ class ClusterMembership:
             record = event.record
             if record.harbor == self.node.harbor:
                 return
+            self.kept.discard(record.harbor)
             if not self._add_peer(record, dial=False):
                 return
             self.harbors[record.harbor] = record
@@ -126,6 +131,22 @@ class ClusterMembership:
                            harbor=record.harbor, node=record.node, error=e)
             return False
         return True
+
+    def link_lost(self, harbor: int) -> None:
+        """A kept harbor (alive, not yet re-joined) whose link died will not re-join."""
+        if harbor in self.kept and self.node.master is not None and self.node.master.connected:
+            self.kept.discard(harbor)
+            self._forget(harbor, self.node.master.sequence, "link lost before it re-joined")
+
+    def _forget(self, harbor: int, sequence: int, reason: str) -> None:
+        record = self.harbors.pop(harbor)
+        self.kept.discard(harbor)
+        self.node.router.remove_peer(harbor, reason, record.incarnation)
+        self._publish(HarborLeft(sequence, harbor, record.incarnation, reason))
+        for name, handle in list(self.names.items()):
+            if handle >> 24 == harbor:
+                del self.names[name]
+                self._publish(NameUnbound(sequence, name, handle))
 
     def master_refused(self, reason: str) -> None:
         if self.on_refused is not None:

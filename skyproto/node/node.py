@@ -8,6 +8,7 @@ router. Replies find their call by session id in the node's SessionTable.
 from __future__ import annotations
 
 import inspect
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from ..errors import (
 from ..harbor.link import HarborLinkFactory, LinkConfig
 from ..interfaces import IServiceBehaviour
 from ..master.client import JoinInfo, MasterClient
-from ..session import SessionTable
+from ..session import SESSION_MAX, SessionTable
 from ..wire.codec import PayloadType
 from ..wire.framing import DEFAULT_MAX_FRAME, DEFAULT_MAX_OUTBOUND
 from .cluster import ClusterMembership
@@ -89,7 +90,10 @@ class Node:
         self.handle = make_handle(harbor, NODE_LOCAL_ID) if harbor else 0
         #: new at every start; microseconds of wall time, so a restart always compares newer
         self.incarnation = incarnation if incarnation is not None else time.time_ns() // 1000
-        self.sessions = SessionTable(reactor, default_timeout)
+        # Each incarnation starts its session ids at a random point, so that a reply a peer
+        # still owes a previous incarnation of this node is unlikely to match a new call.
+        self.sessions = SessionTable(reactor, default_timeout,
+                                     first_id=secrets.randbelow(SESSION_MAX) + 1)
         self.config = LinkConfig(harbor, self.incarnation, secret, heartbeat_interval,
                                  heartbeat_timeout, max_frame=max_frame,
                                  max_outbound=max_outbound)
@@ -367,6 +371,7 @@ class Node:
                           error=e)
 
     def _harbor_lost(self, harbor: int, reason: BaseException) -> None:
+        self.membership.link_lost(harbor)
         error = reason if isinstance(reason, HarborDown) else HarborDown(str(reason))
         failed = self.sessions.fail_all(error, harbor)
         if failed:

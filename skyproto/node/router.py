@@ -212,6 +212,8 @@ class Router:
         if peer is None or peer.link is not link:
             return  # a superseded or forgotten link: its harbor is not down
         peer.link = None
+        if peer.endpoint is None:  # it dialed us and nobody told us where it listens
+            del self.peers[peer.harbor]
         peer.last_error = str(reason)
         self.harbor_lost(peer.harbor, reason)
         if not self.stopping and peer.endpoint is not None:
