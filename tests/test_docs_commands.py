@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", ROOT / "examples" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 OPTIONS = {"skymaster": tap.MasterOptions, "skynode": tap.NodeOptions,
            "skymapper": tap.MapperOptions}
-COMMAND = re.compile(r"^\s*(?:\$\s+|ExecStart=\S*?)?((?:PYTHONPATH=\S+\s+)?(?:twistd|skyproto)\s.*)$")
+COMMAND = re.compile(
+    r"^\s*(?:\$\s+|ExecStart=\S*?)?((?:PYTHONPATH=\S+\s+)?(?:twistd|skyproto)\s.*)$")
 
 
 def command_lines() -> list[tuple[str, str]]:
