@@ -97,6 +97,11 @@ class Router:
     def add_peer(self, harbor: int, endpoint: str, dial: bool = True) -> None:
         """Learn (or re-learn) where ``harbor`` listens; dial it unless linked (or told not to:
         a newcomer announced by the master dials us)."""
+        known = self.peers.get(harbor)
+        if known is not None and known.endpoint == endpoint:
+            if known.link is None and not known.dialing and dial:
+                self._dial(known)
+            return  # checked when it was learned: parsing a plugin endpoint scans plugins
         if is_node_name(endpoint):
             if self.resolver is None:
                 raise ConfigurationError(
