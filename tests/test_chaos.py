@@ -261,14 +261,6 @@ def test_a_kept_harbor_that_dies_before_rejoining_is_dropped() -> None:
     assert 2 not in a.router.peers
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "skyproto bug: a reply finds its call by session id and harbor only. After a caller "
-    "restarts, a reply the callee still owes the old incarnation (a slow handler) completes "
-    "the new incarnation's call that has the same id: the caller gets the answer to a call "
-    "it never made. Session ids restarting at 1 made that likely; starting each "
-    "incarnation's ids at a random point makes it unlikely, not impossible (this test forces "
-    "the collision). Fix: remember the peer incarnation of the link a request came in on "
-    "and send its reply only over a link to that incarnation, dropping it otherwise."))
 def test_a_reply_owed_to_an_old_incarnation_never_completes_a_new_call() -> None:
     clock = Clock()
     _master(clock)

@@ -283,7 +283,7 @@ class Node:
         self._route(source or self.handle, self.resolve(destination), 0, _NORMAL, payload)
 
     def _route(self, source: int, destination: int, session: int, ptype: int,
-               payload: Any) -> None:
+               payload: Any, incarnation: int = 0) -> None:
         if destination >> 24 == self.harbor:
             if session <= 0 and (destination & 0xFFFFFF) not in self.services:
                 raise NoSuchService(f"no service :{destination:08x}")
@@ -292,7 +292,7 @@ class Node:
                 self._draining = True
                 self.reactor.callLater(0, self._drain)
         else:
-            self.router.send(source, destination, session, ptype, payload)
+            self.router.send(source, destination, session, ptype, payload, incarnation)
 
     def _drain(self) -> None:
         inbox = self._inbox
@@ -307,7 +307,9 @@ class Node:
     # --- receiving ---------------------------------------------------------------------
 
     def _deliver(self, source: int, destination: int, session: int, ptype: int,
-                 payload: Any) -> None:
+                 payload: Any, incarnation: int = 0) -> None:
+        # ``incarnation``: of the link a remote message came in on (0 for local ones); a
+        # reply goes back only to that incarnation of the caller's node.
         if session > 0:
             harbor = source >> 24  # a reply only completes a call that went to its harbor
             if ptype == _ERROR:
@@ -320,25 +322,25 @@ class Node:
             error = NoSuchService(f"no service :{destination:08x}")  # may be malformed
             if session:
                 self._reply(destination, source, -session, _ERROR,
-                            ["nosuchservice", "NoSuchService", str(error)])
+                            ["nosuchservice", "NoSuchService", str(error)], incarnation)
             else:
                 self.log.info("dropping message to {error}", error=error)
             return
         try:
             result = service.receive(source, -session, payload)
         except Exception as e:
-            self._handler_failed(Failure(e), destination, source, session)
+            self._handler_failed(Failure(e), destination, source, session, incarnation)
             return
         if inspect.iscoroutine(result):
             result = Deferred.fromCoroutine(result)
         if isinstance(result, Deferred):
             result.addCallbacks(
                 self._handler_done, self._handler_failed,
-                callbackArgs=(destination, source, session),
-                errbackArgs=(destination, source, session),
+                callbackArgs=(destination, source, session, incarnation),
+                errbackArgs=(destination, source, session, incarnation),
             )
         elif session:
-            self._reply(destination, source, -session, _NORMAL, result)
+            self._reply(destination, source, -session, _NORMAL, result, incarnation)
 
     def _undeliverable(self, source: int, destination: int, session: int,
                        error: Exception) -> None:
@@ -349,25 +351,30 @@ class Node:
         elif session > 0:
             self.sessions.fail(session, remote, source >> 24)
 
-    def _handler_done(self, result: Any, me: int, caller: int, session: int) -> None:
+    def _handler_done(self, result: Any, me: int, caller: int, session: int,
+                      incarnation: int) -> None:
         if session:
-            self._reply(me, caller, -session, _NORMAL, result)
+            self._reply(me, caller, -session, _NORMAL, result, incarnation)
 
-    def _handler_failed(self, failure: Failure, me: int, caller: int, session: int) -> None:
+    def _handler_failed(self, failure: Failure, me: int, caller: int, session: int,
+                        incarnation: int = 0) -> None:
         if session:
-            self._reply(me, caller, -session, _ERROR, error_payload(failure.value or Exception()))
+            self._reply(me, caller, -session, _ERROR,
+                        error_payload(failure.value or Exception()), incarnation)
         else:
             self.log.failure("service {handle} failed on a one-way message", failure,
                              handle=format_handle(me))
 
     def _reply(self, source: int, destination: int, session: int, ptype: int,
-               payload: Any) -> None:
+               payload: Any, incarnation: int = 0) -> None:
         try:
-            self._route(source, destination, session, ptype, payload)
-        except (TypeError, FrameTooLarge) as e:  # a reply CBOR cannot carry, or too large
-            self._route(source, destination, session, _ERROR, error_payload(e))
+            try:
+                self._route(source, destination, session, ptype, payload, incarnation)
+            except (TypeError, FrameTooLarge) as e:  # a reply CBOR cannot carry, or too large
+                self._route(source, destination, session, _ERROR, error_payload(e),
+                            incarnation)
         except Exception as e:
-            self.log.info("reply to {caller} lost: {error}", caller=format_handle(destination),
+            self.log.info("reply to {caller} lost: {error}", caller=f":{destination:08x}",
                           error=e)
 
     def _harbor_lost(self, harbor: int, reason: BaseException) -> None:

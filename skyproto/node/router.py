@@ -27,7 +27,7 @@ from ..wire.codec import DATA_HEADER, encode_cbor
 from .mapping import NodeResolver, is_node_name
 
 Message = tuple[int, int, int, int, Any]  # source, destination, session, type, payload
-Deliver = Callable[[int, int, int, int, Any], None]
+Deliver = Callable[[int, int, int, int, Any, int], None]
 HarborLost = Callable[[int, BaseException], None]
 Undeliverable = Callable[[int, int, int, Exception], None]
 
@@ -147,10 +147,16 @@ class Router:
     # --- sending -----------------------------------------------------------------------
 
     def send(self, source: int, destination: int, session: int, ptype: int,
-             payload: Any) -> None:
-        """Send toward ``destination``'s harbor; raise HarborDown / QueueFull / FrameTooLarge."""
+             payload: Any, incarnation: int = 0) -> None:
+        """Send toward ``destination``'s harbor; raise HarborDown / QueueFull / FrameTooLarge.
+
+        With ``incarnation`` (a reply), send only over a link to that incarnation of the
+        harbor: the process that asked. A restarted one must never get its answer."""
         harbor = destination >> 24
         peer = self.peers.get(harbor)
+        if incarnation and (peer is None or peer.link is None
+                            or peer.link.peer_incarnation != incarnation):
+            raise HarborDown(f"harbor {harbor} incarnation {incarnation}, which asked, is gone")
         if peer is not None and peer.link is not None:
             peer.link.send_data(source, destination, session, ptype, payload)
         elif peer is not None and (peer.dialing or (peer.endpoint and peer.retry is None)):
@@ -227,7 +233,7 @@ class Router:
 
     def data_received(self, link: IHarborLink, source: int, destination: int, session: int,
                       ptype: int, payload: Any) -> None:
-        self.deliver(source, destination, session, ptype, payload)
+        self.deliver(source, destination, session, ptype, payload, link.peer_incarnation)
 
     def bad_payload(self, link: IHarborLink, source: int, destination: int, session: int,
                     error: Exception) -> None:
