@@ -658,9 +658,8 @@ class LoopbackPort:
         return LoopbackAddress(self.name, "server", 0)
 
 
-@implementer(IStreamServerEndpoint)
-class LoopbackServerEndpoint:
-    """Listen on ``loopback:NAME`` in ``network`` (default: the reactor's network)."""
+class _LoopbackEndpoint:
+    """What both ends share: a checked name in a network (default: the reactor's)."""
 
     def __init__(
         self, reactor: IReactorTime, name: str, network: LoopbackNetwork | None = None
@@ -670,7 +669,12 @@ class LoopbackServerEndpoint:
         self.network = network if network is not None else network_for(reactor)
 
     def __repr__(self) -> str:
-        return f"<LoopbackServerEndpoint loopback:{self.name}>"
+        return f"<{type(self).__name__} loopback:{self.name}>"
+
+
+@implementer(IStreamServerEndpoint)
+class LoopbackServerEndpoint(_LoopbackEndpoint):
+    """Listen on ``loopback:NAME`` in ``network`` (default: the reactor's network)."""
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         """Listen with ``factory``; fails with ``CannotListenError`` if the name is taken."""
@@ -683,18 +687,8 @@ class LoopbackServerEndpoint:
 
 
 @implementer(IStreamClientEndpoint)
-class LoopbackClientEndpoint:
+class LoopbackClientEndpoint(_LoopbackEndpoint):
     """Connect to ``loopback:NAME`` in ``network`` (default: the reactor's network)."""
-
-    def __init__(
-        self, reactor: IReactorTime, name: str, network: LoopbackNetwork | None = None
-    ) -> None:
-        self.reactor = reactor
-        self.name = _check_name(name)
-        self.network = network if network is not None else network_for(reactor)
-
-    def __repr__(self) -> str:
-        return f"<LoopbackClientEndpoint loopback:{self.name}>"
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         """Connect later, through the reactor; the Deferred fires with the client protocol.
