@@ -7,6 +7,7 @@ moves frames between the transport and them, keeps the heartbeat, and tells its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -88,6 +89,10 @@ class HarborLink(FrameProtocol):
                                     self._beat, self._silent)
         self._lost_reason: BaseException | None = None
         self._batch: list[bytes] | None = None
+        # The hot path skips a frame: a sink may offer ``deliver`` (source, destination,
+        # session, type, payload, incarnation); otherwise data goes to data_received.
+        self._deliver: Callable[..., None] = getattr(
+            sink, "deliver", None) or (lambda *a: sink.data_received(self, *a[:5]))
 
     @property
     def local_harbor(self) -> int:
@@ -119,17 +124,14 @@ class HarborLink(FrameProtocol):
         self._heartbeat.heard()
         if frame and frame[0] == _DATA and self.up:
             source, destination, session, ptype = decode_data_header(frame)
-            if harbor_of(source) != self.peer_harbor:
-                raise ProtocolError(f"source {source:#010x} is not on harbor {self.peer_harbor}")
-            if harbor_of(destination) != self.config.harbor:
-                raise ProtocolError(f"destination {destination:#010x} is not on this harbor "
-                                    f"({self.config.harbor}): links carry no transit")
+            if source >> 24 != self.peer_harbor or destination >> 24 != self.config.harbor:
+                self._misrouted(source, destination)
             try:
                 payload = decode_payload(frame[_HEADER_SIZE:])
             except ProtocolError as e:
                 self.sink.bad_payload(self, source, destination, session, e)
                 return
-            self.sink.data_received(self, source, destination, session, ptype, payload)
+            self._deliver(source, destination, session, ptype, payload, self.peer_incarnation)
         elif frame and frame[0] == FrameKind.CONTROL:
             self._control_received(HARBOR_CODEC.decode(frame[1:]))
         elif not frame:
@@ -138,6 +140,12 @@ class HarborLink(FrameProtocol):
             raise ProtocolError("data before the handshake")
         else:
             raise ProtocolError(f"unknown frame kind {frame[0]}")
+
+    def _misrouted(self, source: int, destination: int) -> None:
+        if harbor_of(source) != self.peer_harbor:
+            raise ProtocolError(f"source {source:#010x} is not on harbor {self.peer_harbor}")
+        raise ProtocolError(f"destination {destination:#010x} is not on this harbor "
+                            f"({self.config.harbor}): links carry no transit")
 
     def connectionLost(self, reason: Failure = _CLOSED) -> None:
         if self.registry is not None:

@@ -76,6 +76,7 @@ class Router:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.config = config
+        #: links call this directly for data (a frame fewer than data_received)
         self.deliver = deliver
         self.harbor_lost = harbor_lost
         self.undeliverable = undeliverable
