@@ -57,6 +57,7 @@ import json
 import os
 import platform
 import pstats
+import re
 import resource
 import statistics
 import sys
@@ -93,6 +94,10 @@ NAME_TARGET_MS = 50.0  #: the p99 target of the names figure at 50 nodes
 NAME_TARGET_NODES = 50
 REREGISTER_TARGET_S = 1.0  #: at 100 nodes
 REREGISTER_TARGET_NODES = 100
+
+
+_ADDRESS = re.compile(r"LoopbackAddress\([^)]*\)")
+_NUMBERS = re.compile(r"\d+(\.\d+)?")
 
 
 def _global_reactor() -> Any:
@@ -163,10 +168,10 @@ async def wait_for(reactor: Any, deferred: Deferred[Any], what: str, timeout: fl
 
 @implementer(ILogObserver)
 class LogCounter:
-    """Counts the log events of warning level and above; keeps the first few of them."""
+    """Counts the log events of warning level and above, by kind; keeps the first few."""
 
     def __init__(self, keep: int = 10) -> None:
-        self.counts: dict[str, int] = {}
+        self.kinds: dict[str, int] = {}
         self.total = 0
         self.first: list[str] = []
         self.keep = keep
@@ -175,15 +180,21 @@ class LogCounter:
         level = event.get("log_level")
         if not isinstance(level, type(LogLevel.warn)) or level < LogLevel.warn:
             return
-        self.counts[level.name] = self.counts.get(level.name, 0) + 1
         self.total += 1
+        text = f"{level.name}: {formatEvent(event)}"
         if len(self.first) < self.keep:
-            self.first.append(f"{level.name}: {formatEvent(event)}"[:300])
+            self.first.append(text[:300])
+        kind = _NUMBERS.sub("#", _ADDRESS.sub("<peer>", text))[:120]
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
 
     def take(self) -> dict[str, int]:
-        """The counts since the last take, then forget them."""
-        counts, self.counts = self.counts, {}
-        return counts
+        """The counts by kind since the last take (the 5 commonest, then the rest), reset."""
+        kinds, self.kinds = self.kinds, {}
+        ranked = sorted(kinds.items(), key=lambda item: -item[1])
+        top = dict(ranked[:5])
+        if len(ranked) > 5:
+            top["(other kinds)"] = sum(count for _, count in ranked[5:])
+        return top
 
 
 def cache_endpoints() -> None:
@@ -487,6 +498,8 @@ class MeshResult:
     hold_s: float = 0.0
     hold_min_links: int = 0  #: the fewest links up while holding
     hold_min_joined: int = 0  #: the fewest nodes joined to the master while holding
+    hold_end_links: int = 0  #: links up at the end of the hold
+    hold_end_joined: int = 0  #: nodes joined to the master at the end of the hold
     hold_cpu: float = 0.0  #: CPU used while holding / wall time (1.0 = one core)
     hold_longest_stall_s: float = 0.0
     rss_before_mb: float = 0.0
@@ -547,6 +560,8 @@ async def mesh(reactor: Any, count: int, timeout: float, hold: float,
                 result.hold_min_links = min(result.hold_min_links, cluster.up_links() // 2)
                 result.hold_min_joined = min(result.hold_min_joined, master.connected())
             result.hold_s = _now() - began
+            result.hold_end_links, result.hold_end_joined = (cluster.up_links() // 2,
+                                                             master.connected())
             result.hold_cpu = (cpu_seconds() - cpu) / result.hold_s
         result.rss_after_mb = rss_mb()
         result.maxrss_mb = maxrss_mb()
@@ -701,6 +716,8 @@ def summarise(results: Results) -> dict[str, Any]:
         if m.hold_s:
             summary[f"mesh_hold_min_links_{n}"] = m.hold_min_links
             summary[f"mesh_hold_cpu_{n}"] = round(m.hold_cpu, 3)
+            summary[f"mesh_hold_min_joined_{n}"] = m.hold_min_joined
+            summary[f"mesh_hold_end_joined_{n}"] = m.hold_end_joined
         summary[f"mesh_warnings_{n}"] = m.warnings
     summary["maxrss_mb"] = round(maxrss_mb(), 1)
     summary["total_s"] = round(results.seconds, 1)
@@ -778,14 +795,18 @@ def report(results: Results, options: Options) -> None:
             marks.append(m.progress[-1])
         print("  links up over time: " + ", ".join(f"{t:.0f}s:{n}" for t, n in marks))
         if m.hold_s:
-            print(f"  then {m.hold_s:.0f} s held: at least {m.hold_min_links} links up and "
-                  f"{m.hold_min_joined} nodes joined throughout, CPU {m.hold_cpu:.0%} of a "
-                  f"core (heartbeats), longest stall {m.hold_longest_stall_s:.2f} s")
+            print(f"  then {m.hold_s:.0f} s held: links up {m.hold_min_links} at least, "
+                  f"{m.hold_end_links} at the end; nodes joined to the master "
+                  f"{m.hold_min_joined} at least, {m.hold_end_joined} at the end")
+            print(f"  CPU while holding {m.hold_cpu:.0%} of a core (heartbeats), longest "
+                  f"stall {m.hold_longest_stall_s:.2f} s")
         print(f"  RSS {m.rss_before_mb:.0f} MiB before, {m.rss_after_mb:.0f} MiB with the "
               f"mesh up, peak {m.maxrss_mb:.0f} MiB")
-    warned = {k: v for k, v in results.warnings.items() if v}
-    if warned:
-        print(f"\nwarnings logged: {warned}")
+    for scenario, kinds in results.warnings.items():
+        if kinds:
+            print(f"\nwarnings logged in {scenario} ({sum(kinds.values())}):")
+            for kind, count in kinds.items():
+                print(f"  {count:>8}  {kind}")
     print(f"\ntotal {results.seconds:.0f} s ({results.cpu_s:.0f} s of CPU), peak RSS "
           f"{maxrss_mb():.0f} MiB; load average {results.load[0]:.2f} at the start, "
           f"{results.load[1]:.2f} at the end")
