@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import CannotListenError
@@ -229,13 +229,15 @@ class NodeOptions(OneLineOptions):
 
 
 def describe_address(port: IListeningPort) -> str:
-    """Where peers can reach a listening port, as an endpoint string."""
+    """Where peers can reach a listening port, as a client endpoint string."""
     host = port.getHost()
-    kind = type(host).__name__
-    if kind in ("IPv4Address", "IPv6Address"):
-        return f"tcp:{host.host}:{host.port}"  # type: ignore[attr-defined]
-    if kind == "UNIXAddress":
-        return f"unix:{host.name.decode() if isinstance(host.name, bytes) else host.name}"  # type: ignore[attr-defined]
+    if isinstance(host, IPv4Address):
+        return f"tcp:{host.host}:{host.port}"
+    if isinstance(host, IPv6Address):
+        return f"tcp:host={host.host.replace(':', chr(92) + ':')}:port={host.port}"
+    if isinstance(host, UNIXAddress):
+        name = host.name.decode() if isinstance(host.name, bytes) else host.name
+        return f"unix:{name}"
     return str(host)
 
 

@@ -127,3 +127,19 @@ def test_port_in_use_is_one_line(tmp_path):
     assert result.returncode == 1
     assert "cannot listen on" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_advertised_ipv6_addresses_are_client_endpoints():
+    from twisted.internet.address import IPv6Address
+    from twisted.internet.endpoints import clientFromString
+    from twisted.internet.task import Clock
+
+    from skyproto.tap import describe_address
+
+    class Port:
+        def getHost(self):
+            return IPv6Address("TCP", "::1", 7001)
+
+    text = describe_address(Port())
+    endpoint = clientFromString(Clock(), text)
+    assert (endpoint._host, endpoint._port) == ("::1", 7001)
