@@ -1,12 +1,12 @@
 """Harbor calls per second: skyproto node to node, against Twisted AMP and a raw CBOR echo.
 
 Run: ``python benchmarks/harbor.py [--json] [--duration S] [--warmup S] [--only NAMES]
-[--sizes 16,4k] [--profile DIR]``. Every remote figure uses two OS processes on TCP
+[--sizes 16,4k,64k] [--profile DIR]``. Every remote figure uses two OS processes on TCP
 loopback: this one (the client) and a server started as ``python benchmarks/harbor.py
 --serve KIND`` (KIND is ``sky``, ``amp`` or ``raw``), which listens on an ephemeral port of
 127.0.0.1, prints it on stdout, and runs until its stdin closes; it is killed at the end in
 any case. Both sides run the real (epoll) reactor and set TCP_NODELAY. For payloads of
-16 B and 4 KiB (``bytes``):
+16 B, 4 KiB and 64 KiB (``bytes``):
 
 - ``sky_seq``: ``node.call`` to a remote Echo service, one call outstanding (p50/p99 latency);
 - ``sky_pipelined``: the same with 100 calls kept outstanding;
@@ -21,10 +21,15 @@ any case. Both sides run the real (epoll) reactor and set TCP_NODELAY. For paylo
   ``cbor2.dumps([session, payload])``, decoded and re-encoded by the server, matched to a
   dict of Deferreds by the client: the minimal equivalent of what skyproto does.
 
+AMP limits each value to 65,535 bytes, so the amp figures are skipped at 64 KiB, with a note.
+
 Each figure runs for ``--warmup`` seconds (0.5), then counts what completes in the next
 ``--duration`` seconds (3). With ``--json`` the last line of stdout is one JSON object: the
-16 B figures under the names above, the 4 KiB ones with a ``_4k`` suffix, latencies as
-``*_p50_us`` / ``*_p99_us``, and the target ratios as ``ratio_*``. ``--profile DIR`` writes
+16 B figures under the names above, the 4 KiB ones with a ``_4k`` suffix, the 64 KiB ones
+with ``_64k``, latencies as ``*_p50_us`` / ``*_p99_us``, the target ratios as ``ratio_*``,
+failed calls as ``*_errors`` and the figures not run as ``skipped``. Any failed call (an
+error, a wrong reply, or a call still unanswered ``DRAIN_TIMEOUT`` s after its figure) is
+counted, its first error printed, and the run exits with status 1. ``--profile DIR`` writes
 cProfile statistics of the client (``client.prof``) and of each server (``server-KIND.prof``).
 """
 
@@ -73,8 +78,11 @@ DRAIN_TIMEOUT = 15.0  #: seconds past a figure's end for its outstanding calls t
 PAYLOADS: dict[str, bytes] = {
     "": bytes(range(16)),
     "_4k": bytes(i % 251 for i in range(4096)),
+    "_64k": bytes(i % 251 for i in range(65536)),
 }
-SIZE_LABELS = {"": "16 B", "_4k": "4 KiB"}
+SIZE_LABELS = {"": "16 B", "_4k": "4 KiB", "_64k": "64 KiB"}
+SIZES = {"16": "", "4k": "_4k", "64k": "_64k"}  #: ``--sizes`` words -> suffixes
+DEFAULT_SIZES = "16,4k,64k"
 FIGURES = (
     "sky_seq", "sky_pipelined", "sky_oneway", "amp_seq", "amp_pipelined",
     "raw_cbor_seq", "raw_cbor_pipelined", "sky_local_seq", "sky_local",

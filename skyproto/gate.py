@@ -2,23 +2,26 @@
 
 A client speaks newline-terminated UTF-8 lines (so ``nc`` and telnet work) or, as an
 option, packets with a 2-byte big-endian length (skynet's client framing). A request
-``COMMAND ARG REST...`` becomes the payload ``[COMMAND, ARG, REST]`` (the last part keeps
-its spaces) for the gate's target service, called from the client's own agent; the reply,
-a string, goes back as one line or packet, in request order. Every failure becomes
-``ERROR <reason>`` at once. Limits: clients, line/packet length, and requests in flight per
-client; a client whose replies pile up (it does not read) is no longer read from.
+``COMMAND ARG REST...`` becomes the payload ``[COMMAND, ARG, REST]`` (split at the first two
+spaces; REST is kept byte for byte) for the gate's target service, called from the client's
+own agent; the reply, a string, goes back as one line or packet, in request order. Every
+failure becomes ``ERROR <reason>`` at once. A client that half-closes (``nc -N``) still gets
+every reply, then the close. Limits: clients, line/packet length, and requests in flight per
+client. A client is no longer read from while its replies pile up (it does not read), while
+it has too many requests in flight, or while a harbor link this node sends to is congested.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import attrs
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver, LineReceiver
@@ -37,6 +40,8 @@ from .node.node import Node
 from .node.service import Service
 
 FRAMINGS: Final = ("line", "packet")
+MAX_PACKET: Final = 0xFFFF  #: the most a 2-byte length prefix can say
+MAX_NAMES_SHOWN: Final = 20  #: names listed in a "no such service" error
 
 
 @attrs.frozen
@@ -53,19 +58,27 @@ class GateConfig:
 
 
 def request_payload(text: str) -> list[str]:
-    """``SET k some value`` -> ``["SET", "k", "some value"]``."""
-    command, _, rest = text.strip().partition(" ")
-    argument, _, tail = rest.strip().partition(" ")
-    return [part for part in (command, argument, tail) if part]
+    """``SET k some value`` -> ``["SET", "k", "some value"]``.
+
+    Split at the first two single spaces; the rest is kept exactly (its spaces, tabs and
+    control characters are part of a value)."""
+    command, space, rest = text.partition(" ")
+    if not space:
+        return [command]
+    argument, space, tail = rest.partition(" ")
+    return [command, argument, tail] if space else [command, argument]
 
 
-def error_line(failure: Failure) -> str:
-    """The ERROR reply for a failed request: short, one line, never silent."""
+def error_line(failure: Failure, known_names: Iterable[str] | None = None) -> str:
+    """The ERROR reply for a failed request: short, one line, never silent. A missing
+    service's error lists ``known_names`` (the names that do exist), when given."""
     error = failure.value
     if isinstance(error, RemoteError):
         reason = error.message
     elif isinstance(error, NoSuchService):
         reason = f"no such service: {error}"
+        if known_names is not None:
+            reason += f" ({_name_list(known_names)})"
     elif isinstance(error, CallTimeout):
         reason = f"timeout: {error}"
     elif isinstance(error, HarborDown | MasterUnavailable | QueueFull):
@@ -73,6 +86,24 @@ def error_line(failure: Failure) -> str:
     else:
         reason = f"{type(error).__name__}: {error}"
     return "ERROR " + " ".join(str(reason).split())
+
+
+def _name_list(names: Iterable[str]) -> str:
+    """``names: A, B, C`` (the first few, sorted), or that there are none."""
+    ordered = sorted(set(names))
+    if not ordered:
+        return "no names are known"
+    shown = ", ".join(ordered[:MAX_NAMES_SHOWN])
+    more = len(ordered) - MAX_NAMES_SHOWN
+    return f"names: {shown}" + (f" and {more} more" if more > 0 else "")
+
+
+def describe_peer(address: IAddress) -> str:
+    """``host (port=N)`` for a log line (the form tests/test_abuse.py looks for); other
+    addresses as text."""
+    if isinstance(address, IPv4Address | IPv6Address):
+        return f"{address.host} (port={address.port})"
+    return str(address)
 
 
 class Agent(Service):
@@ -96,26 +127,53 @@ class _Backpressure:
         pass
 
 
+@implementer(IHalfCloseableProtocol)
 class GateClient:
-    """What both framings share: the agent, in-order replies, limits and backpressure."""
+    """What both framings share: the agent, in-order replies, limits and backpressure.
+
+    Reading stops while any hold is on: ``"replies"`` (the client does not read its
+    replies), ``"in flight"`` (too many requests await replies), ``"cluster"`` (a harbor
+    link this node sends to is congested)."""
 
     log = Logger()
-    factory: GateFactory
     transport: Any
     # from the receiver classes (LineReceiver, Int16StringReceiver): pausing them also stops
     # handling requests already buffered, not just reading more
+    paused: bool
     pauseProducing: Callable[[], None]
     resumeProducing: Callable[[], None]
+    dataReceived: Callable[[bytes], None]
+
+    def __init__(self, factory: GateFactory) -> None:
+        super().__init__()
+        self.factory = factory
+        self.peer = "a client"
+        self.last_active = factory.node.reactor.seconds()
+        self.holds: set[str] = set()
+        self.replies: deque[list[Any]] = deque()  # [reply text or None] per request, in order
+        self.read_closed = False  # the client half-closed: no more requests will come
+        self.lost = False
+        self.receiving = 0  # inside the framing's dataReceived (which may re-enter)
+        self.agent_handle = 0
+        self._unsubscribe: Callable[[], None] | None = None
 
     def client_connected(self) -> None:
         clock = self.factory.node.reactor
+        self.peer = describe_peer(self.transport.getPeer())
         self.last_active = clock.seconds()
         self.idle = clock.callLater(self.factory.config.idle_timeout, self._idle)
-        self.holds: set[str] = set()
-        self.replies: deque[list[Any]] = deque()  # [reply text or None] per request, in order
         self.agent = Agent()
         self.agent_handle = self.factory.node.spawn(self.agent)
         self.transport.registerProducer(_Backpressure(self), True)
+        self._unsubscribe = self.factory.node.flow.subscribe(self._cluster_congested)
+        self.log.debug("gate client {peer} connected", peer=self.peer)
+
+    def _cluster_congested(self, congested: bool) -> None:
+        """From the node's flow control: a congested cluster stops us reading requests."""
+        if congested:
+            self._hold("cluster")
+        else:
+            self._release("cluster")
 
     def _active(self) -> None:
         self.last_active = self.factory.node.reactor.seconds()
@@ -129,20 +187,32 @@ class GateClient:
             return
         self.refuse(f"idle for {self.factory.config.idle_timeout:g} s")
 
+    def _receive(self, framing: Callable[[bytes], object], data: bytes) -> None:
+        """Hand ``data`` to the framing's dataReceived, then close if the client is done."""
+        if self.receiving and not data:
+            # resumeProducing from inside a request: the running loop goes on by itself
+            # (Int16StringReceiver, re-entered, would handle its buffered packets twice)
+            return
+        self.receiving += 1
+        try:
+            framing(data)
+        finally:
+            self.receiving -= 1
+        self._finish_if_done()
+
     def request(self, raw: bytes) -> None:
         self._active()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._answer("ERROR requests are UTF-8 text")
+            return
+        text = text.lstrip(" ")  # a command has no spaces; the value's are kept
+        if not text:
+            self._answer("ERROR empty request")
+            return
         slot: list[Any] = [None]
         self.replies.append(slot)
-        try:
-            text = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            slot[0] = "ERROR requests are UTF-8 text"
-            self._flush()
-            return
-        if not text:
-            slot[0] = "ERROR empty request"
-            self._flush()
-            return
         config = self.factory.config
         call: Deferred[Any] = self.agent.call(config.target, request_payload(text),
                                               timeout=config.timeout)
@@ -151,57 +221,118 @@ class GateClient:
         if len(self.replies) >= config.max_in_flight:
             self._hold("in flight")
 
+    def _answer(self, text: str) -> None:
+        """A reply known at once (a malformed request), in its place after earlier ones."""
+        self.replies.append([text])
+        self._flush()
+
     def _replied(self, reply: Any, slot: list[Any]) -> None:
         slot[0] = reply if isinstance(reply, str) else f"ERROR unexpected reply {reply!r}"
         self._flush()
 
     def _failed(self, failure: Failure, slot: list[Any]) -> None:
-        slot[0] = error_line(failure)
+        names = None
+        if failure.check(NoSuchService):
+            node = self.factory.node
+            names = [*node.names, *node.membership.names]
+        slot[0] = error_line(failure, names)
         self._flush()
 
     def _flush(self) -> None:
         self._active()
         while self.replies and self.replies[0][0] is not None:
             text = self.replies.popleft()[0]
-            if self.transport is not None and not self.transport.disconnecting:
-                self.send_reply(" ".join(text.splitlines()).encode("utf-8"))
+            if not self.lost and not self.transport.disconnecting:
+                self.send_reply(text)
         if len(self.replies) < self.factory.config.max_in_flight:
             self._release("in flight")
+        self._finish_if_done()
 
     def refuse(self, reason: str) -> None:
         """Tell the client why, and close: too long a request, or other abuse."""
-        self.log.info("gate client {peer}: {reason}", peer=self.transport.getPeer(),
-                      reason=reason)
-        self.send_reply(f"ERROR {reason}".encode())
-        self.transport.loseConnection()
+        self.log.debug("closing gate client {peer}: {reason}", peer=self.peer, reason=reason)
+        if not self.lost and not self.transport.disconnecting:
+            self.send_reply(f"ERROR {reason}")
+            self.transport.loseConnection()
 
     def _hold(self, why: str) -> None:
-        if not self.holds:
+        if not self.holds and not self.lost:
             self.pauseProducing()
         self.holds.add(why)
 
     def _release(self, why: str) -> None:
-        if why in self.holds:
-            self.holds.discard(why)
-            if not self.holds and self.transport is not None:
-                self.resumeProducing()  # also handles the requests that were buffered
+        if why not in self.holds:
+            return
+        self.holds.discard(why)
+        if self.holds or self.lost:
+            return
+        if self.read_closed:
+            # handle the requests read before the half-close; asking a half-closed TCP
+            # transport to read again would only report the close a second time
+            self.paused = False
+            self.dataReceived(b"")
+        else:
+            self.resumeProducing()  # also handles the requests that were buffered
+        self._finish_if_done()
+
+    def readConnectionLost(self) -> None:
+        """The client closed its write side (``nc -N``): answer what it sent, then close."""
+        if self.read_closed:
+            return
+        self.read_closed = True
+        self.log.debug("gate client {peer} closed its side: finishing its requests",
+                       peer=self.peer)
+        self._finish_if_done()
+
+    def writeConnectionLost(self) -> None:
+        """Replies can no longer be sent: nothing left to do."""
+        self.transport.loseConnection()
+
+    def _finish_if_done(self) -> None:
+        """After a half-close, close once every request read has been answered."""
+        if (not self.read_closed or self.lost or self.receiving or self.replies
+                or self.transport.disconnecting):
+            return
+        if self.has_unread():
+            if self.holds:
+                return  # requests read before the close: handled when the hold ends
+            # not paused and done reading, so what is left is a last, unterminated request
+            self.unterminated(self.take_unread())
+            return
+        self.transport.loseConnection()
 
     def client_lost(self) -> None:
+        self.lost = True
         self.factory.clients.discard(self)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         idle = getattr(self, "idle", None)
         if idle is not None and idle.active():
             idle.cancel()
-        handle = getattr(self, "agent_handle", 0)
-        if handle:
+        if self.agent_handle:
             with contextlib.suppress(NoSuchService):  # the node may have stopped first
-                self.factory.node.kill(handle)
+                self.factory.node.kill(self.agent_handle)
+        self.log.debug("gate client {peer} left", peer=self.peer)
 
-    def send_reply(self, data: bytes) -> None:
+    def send_reply(self, text: str) -> None:
+        raise NotImplementedError
+
+    def has_unread(self) -> bool:
+        """Whether bytes received are still in the framing's buffer."""
+        raise NotImplementedError
+
+    def take_unread(self) -> bytes:
+        """The framing's buffered bytes, which it forgets."""
+        raise NotImplementedError
+
+    def unterminated(self, data: bytes) -> None:
+        """What to do with a last, incomplete request when the client half-closed."""
         raise NotImplementedError
 
 
 class LineClient(GateClient, LineReceiver):
-    """Newline-terminated UTF-8 lines (a trailing CR is dropped)."""
+    """Newline-terminated UTF-8 lines (one CR right before the newline is dropped)."""
 
     delimiter = b"\n"
 
@@ -209,14 +340,28 @@ class LineClient(GateClient, LineReceiver):
         self.MAX_LENGTH = self.factory.config.max_request
         self.client_connected()
 
+    def dataReceived(self, data: bytes) -> None:
+        self._receive(super().dataReceived, data)
+
     def lineReceived(self, line: bytes) -> None:
-        self.request(line.rstrip(b"\r"))
+        self.request(line[:-1] if line.endswith(b"\r") else line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse(f"request longer than {self.MAX_LENGTH} bytes")
 
-    def send_reply(self, data: bytes) -> None:
-        self.sendLine(data)  # type: ignore[no-untyped-call]
+    def send_reply(self, text: str) -> None:
+        # a newline inside a reply would read as two replies
+        self.sendLine(text.replace("\n", " ").encode("utf-8"))  # type: ignore[no-untyped-call]
+
+    def has_unread(self) -> bool:
+        return bool(self._buffer)
+
+    def take_unread(self) -> bytes:
+        unread: bytes = self.clearLineBuffer()  # type: ignore[no-untyped-call]
+        return unread
+
+    def unterminated(self, data: bytes) -> None:
+        self.lineReceived(data)  # ``printf 'GET k' | nc -N``: the end of input ends it
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         self.client_lost()
@@ -229,14 +374,31 @@ class PacketClient(GateClient, Int16StringReceiver):
         self.MAX_LENGTH = self.factory.config.max_request
         self.client_connected()
 
+    def dataReceived(self, data: bytes) -> None:
+        self._receive(super().dataReceived, data)
+
     def stringReceived(self, string: bytes) -> None:
         self.request(string)
 
     def lengthLimitExceeded(self, length: int) -> None:
         self.refuse(f"request longer than {self.MAX_LENGTH} bytes")
 
-    def send_reply(self, data: bytes) -> None:
-        self.sendString(data[:65535])  # type: ignore[no-untyped-call]
+    def send_reply(self, text: str) -> None:
+        data = text.encode("utf-8")
+        if len(data) > MAX_PACKET:
+            data = (f"ERROR reply too large for packet framing ({len(data)} bytes, "
+                    f"at most {MAX_PACKET})").encode()
+        self.sendString(data)  # type: ignore[no-untyped-call]
+
+    def has_unread(self) -> bool:
+        return bool(self._unprocessed)
+
+    def take_unread(self) -> bytes:
+        unread, self._unprocessed = self._unprocessed, b""
+        return unread
+
+    def unterminated(self, data: bytes) -> None:
+        self._answer("ERROR the input ended inside a packet")
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         self.client_lost()
@@ -255,7 +417,10 @@ class _Busy(Protocol):
 
 
 class GateFactory(Factory):
-    """Accepts clients for ``node`` with ``config``."""
+    """Accepts clients for ``node`` with ``config``.
+
+    Counts clients (``accepted``, ``evicted`` to make room, ``refused`` because the gate
+    was full of busy clients) rather than logging each: anyone can open thousands."""
 
     log = Logger()
     noisy = False
@@ -266,22 +431,41 @@ class GateFactory(Factory):
         self.node = node
         self.config = config
         self.clients: set[GateClient] = set()
+        self.accepted = 0
+        self.evicted = 0
+        self.refused = 0
+        self._told_full = False
 
     def buildProtocol(self, addr: Any) -> Protocol:
         if len(self.clients) >= self.config.max_clients:
-            # Full: make room by closing the least recently active client. Idle
-            # connections (which need no secret to open) go first; busy clients stay.
-            victim = min(self.clients, key=lambda client: client.last_active, default=None)
+            self._full()
+            # Make room by closing the least recently active client that awaits no reply
+            # (idle connections need no secret to open); never lose a reply in flight.
+            victim = min((client for client in self.clients if not client.replies),
+                         key=lambda client: client.last_active, default=None)
             if victim is None:
+                self.refused += 1
+                self.log.debug("gate full, every client awaits replies: refusing {peer}",
+                               peer=describe_peer(addr))
                 return _Busy(self._framed(b"ERROR too many clients"))
-            self.log.warn("gate full ({count} clients): closing the least active, {peer}",
-                          count=len(self.clients), peer=victim.transport.getPeer())
+            self.evicted += 1
+            self.log.debug("gate full: closing the least active client, {peer}",
+                           peer=victim.peer)
             self.clients.discard(victim)
             victim.refuse("the gate is full and this connection was the least active")
-        client: GateClient = LineClient() if self.config.framing == "line" else PacketClient()
-        client.factory = self
+        client: GateClient = (LineClient(self) if self.config.framing == "line"
+                              else PacketClient(self))
+        self.accepted += 1
         self.clients.add(client)
         return client  # type: ignore[return-value]
+
+    def _full(self) -> None:
+        """Say once that the gate filled up; later evictions and refusals are only counted."""
+        if not self._told_full:
+            self._told_full = True
+            self.log.warn("the gate is full ({count} clients): idle clients are closed for "
+                          "newcomers, and newcomers refused while all await replies",
+                          count=self.config.max_clients)
 
     def _framed(self, message: bytes) -> bytes:
         if self.config.framing == "packet":

@@ -52,6 +52,15 @@ class IMessageSink(Interface):
     ) -> None:
         """A data message whose payload could not be decoded: fail that message only."""
 
+    def link_congested(link: IHarborLink) -> None:
+        """More bytes wait to go out on ``link`` than its mark: hold whoever feeds it."""
+
+    def link_drained(link: IHarborLink) -> None:
+        """``link``'s outbound queue fell back under its mark."""
+
+    def link_retired(link: IHarborLink) -> None:
+        """The peer retired ``link`` as a duplicate: send nothing new on it."""
+
 
 class IHarborLink(Interface):
     """One authenticated connection between two nodes, carrying data and heartbeats."""
@@ -61,8 +70,17 @@ class IHarborLink(Interface):
     peer_incarnation = Attribute("The peer's incarnation, once the handshake is done.")
     up = Attribute("True from the end of the handshake until the link is lost.")
 
+    retired = Attribute("True once this link is a duplicate that carries nothing new.")
+
     def send_data(source: int, destination: int, session: int, ptype: int, payload: Any) -> None:
-        """Send one data message; raises FrameTooLarge (nothing sent) if it is too big."""
+        """Encode and send one data message; FrameTooLarge (nothing sent) if it is too big."""
+
+    def write_frame(frame: bytes, must: bool) -> None:
+        """Send one encoded data frame (length prefix included). Unless ``must``, raise
+        QueueFull when too many bytes already wait for the peer."""
+
+    def retire(reason: str) -> None:
+        """This link is a duplicate: send nothing new on it, close it once the peer agrees."""
 
     def close(reason: str) -> None:
         """Drop the link, logging ``reason``."""

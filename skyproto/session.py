@@ -67,6 +67,10 @@ class SessionTable:
     def pending(self) -> int:
         return len(self._pending)
 
+    def pending_to(self, harbor: int) -> int:
+        """How many calls tagged ``harbor`` wait for their reply."""
+        return len(self._by_harbor.get(harbor, ()))
+
     def __contains__(self, session: int) -> bool:
         return session in self._pending
 

@@ -26,14 +26,16 @@ from twisted.python.failure import Failure
 
 from .address import NodeName, check_harbor, format_handle
 from .auth import load_secret
+from .endpoints import is_node_name, parse_endpoint_description
 from .errors import AddressError, ConfigurationError
 from .gate import FRAMINGS, GateConfig, GateFactory
 from .mapper.epmd import DEFAULT_PORT as EPMD_PORT
 from .mapper.server import MapperServerFactory, relaxed_from_environ
 from .master.registry import InMemoryRegistry
 from .master.server import MasterService
-from .node.mapping import HostMapper, NodeResolver, is_node_name, parse_endpoint_description
+from .node.host_mapper import HostMapper
 from .node.node import Node
+from .node.resolver import NodeResolver
 from .services import load_service_class
 from .wire.framing import DEFAULT_MAX_FRAME
 
@@ -415,14 +417,25 @@ def make_node_service(options: NodeOptions) -> IService:
     if options["master"] is not None:
         master_endpoint = options["master"]
 
+        def refused(reason: str) -> None:
+            # Refused for a real reason (id held by another node, secret, version): one
+            # line on the real stderr (twistd's sys.stderr is its log), then exit 1.
+            message = f"the master at {master_endpoint} refused this node: {reason}"
+            real_stderr = sys.__stderr__ or sys.stderr
+            print(f"{program}: error: {message}", file=real_stderr, flush=True)
+
+            def leave() -> None:
+                sys.stdout.flush()
+                os._exit(1)
+
+            reactor.addSystemEventTrigger("after", "shutdown", leave)
+            reactor.stop()
+
         def join() -> None:
             try:
                 node.join_master(
                     master_endpoint, str(options["node_name"]), address,
-                    on_refused=lambda reason: exit_after_shutdown(
-                        reactor, f"the master at {master_endpoint} refused this node: {reason}",
-                        program),
-                    on_joined=None if node.harbor else started)
+                    on_refused=refused, on_joined=None if node.harbor else started)
             except ConfigurationError as e:
                 exit_after_shutdown(reactor, str(e), program)
 

@@ -35,6 +35,7 @@ from skyproto.master.messages import (
     TableReply,
     transcript,
 )
+from skyproto.testing import wait_until
 
 from .processes import Daemon
 
@@ -54,15 +55,9 @@ class KnownBug(AssertionError):
 
 def poll_until(condition: Callable[[], T | None], what: str, timeout: float = 15.0,
                interval: float = 0.01) -> T:
-    """``condition()`` once it is truthy; AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+    """:func:`skyproto.testing.wait_until` (blocking: these tests run outside the reactor)
+    with this module's defaults; WaitTimeout after ``timeout`` seconds."""
+    return wait_until(condition, what, timeout, interval=interval)
 
 
 def wait_line(daemon: Daemon, pattern: str, timeout: float = 20.0) -> re.Match[str]:
@@ -306,7 +301,10 @@ def master_table(port: int, secret: bytes) -> Table:
         assert isinstance(challenge, MasterChallenge)
         text = transcript(PROTOCOL_VERSION, nonce, challenge.nonce)
         assert verify(secret, MASTER_ROLE, text, challenge.proof)
-        sock.sendall(framed(MASTER_CODEC.encode(Observe(prove(secret, NODE_ROLE, text))))
+        # the master's own heartbeat timing: this observer reads the table and goes
+        observe = Observe(prove(secret, NODE_ROLE, text), challenge.heartbeat_interval,
+                          challenge.heartbeat_timeout)
+        sock.sendall(framed(MASTER_CODEC.encode(observe))
                      + framed(MASTER_CODEC.encode(GetTable(1))))
         while True:
             reply: Any = MASTER_CODEC.decode(recv_frame(sock))

@@ -37,7 +37,6 @@ from twisted.python.failure import Failure
 
 import skyproto.master.client as master_client_module
 import skyproto.node.node as node_module
-import skyproto.node.router as router_module
 from skyproto.address import make_handle
 from skyproto.errors import (
     CallTimeout,
@@ -160,7 +159,7 @@ class _SeededSecretsModule:
 def seeded_internals(source: random.Random) -> Iterator[None]:
     """Every random choice inside skyproto comes from ``source`` while this is active."""
     with contextlib.ExitStack() as stack:
-        for module in (router_module, master_client_module):
+        for module in (master_client_module,):
             stack.enter_context(_patched(module, "random", _SeededRandomModule(source)))
         if hasattr(node_module, "secrets"):
             stack.enter_context(_patched(node_module, "secrets", _SeededSecretsModule(source)))
@@ -212,7 +211,8 @@ class Member:
         self.dead = False
         self.timers: list[IDelayedCall] = []
         self.node = Node(harbor, chaos.clock, SECRET, incarnation=incarnation,
-                         default_timeout=DEFAULT_TIMEOUT)
+                         default_timeout=DEFAULT_TIMEOUT,
+                         rng=random.Random(chaos.internal_rng.getrandbits(64)))
         self.node.listen(self.endpoint)
         self.echo = self.node.spawn(ChaosEcho(chaos, self), name=f"E{harbor}")
         self.node.join_master(MASTER, f"n{harbor}@chaos", self.endpoint,
@@ -446,25 +446,7 @@ class Chaos:
         for timer in member.timers:
             if timer.active():
                 timer.cancel()
-        router = node.router
-        router.stopping = True
-        for peer in router.peers.values():
-            if peer.retry is not None and peer.retry.active():
-                peer.retry.cancel()
-            peer.retry = None
-        for port in node._ports:
-            port.stopListening()
-        assert node.master is not None
-        node.master.stop()
-        # Its router's timers (a retry the router lost track of included: see
-        # test_stopped_router_never_dials_again) and its dials about to connect.
-        for call in list(self.clock.getDelayedCalls()):
-            owner = getattr(getattr(call, "func", None), "__self__", None)
-            args = getattr(call, "args", ())
-            if call.active() and (owner is router or (
-                    isinstance(owner, LoopbackClientEndpoint) and args
-                    and isinstance(args[0], HarborLinkFactory) and args[0].sink is router)):
-                call.cancel()
+        node.abort()
         for connection in self.net.connections:
             if member in (self.owner(connection.client.protocol),
                           self.owner(connection.server.protocol)):

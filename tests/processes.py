@@ -9,13 +9,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from twisted.internet.task import deferLater
+
+from skyproto import testing
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 T = TypeVar("T")
@@ -94,17 +94,10 @@ def daemons() -> Iterator[Callable[..., Daemon]]:
 
 
 async def wait_for(condition: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
-    """Poll ``condition`` on the running reactor until it is truthy, failing after ``timeout``."""
+    """:func:`skyproto.testing.wait_for` on the running reactor (15 s unless told)."""
     from twisted.internet import reactor
 
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await deferLater(reactor, 0.05, lambda: None)
+    return await testing.wait_for(condition, what, timeout, clock=reactor)
 
 
 async def wait_for_line(daemon: Daemon, pattern: str, timeout: float = 15.0) -> re.Match[str]:

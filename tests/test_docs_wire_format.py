@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from skyproto import auth, tap
 from skyproto.address import format_handle, parse_handle
+from skyproto.endpoints import harbor_tcp_port
 from skyproto.errors import NoSuchService, ProtocolError
 from skyproto.harbor import link as harbor_link
 from skyproto.harbor.handshake import (
@@ -64,6 +65,7 @@ from skyproto.mapper.epmd import (
     encode_reply,
     encode_request,
 )
+from skyproto.mapper.extra import MapperExtra, decode_extra, encode_extra
 from skyproto.master import client as master_client
 from skyproto.master import server as master_server
 from skyproto.master.client import JoinInfo, MasterClient, MasterClientProtocol
@@ -97,14 +99,8 @@ from skyproto.master.registry import (
     Table,
 )
 from skyproto.master.server import MasterService
-from skyproto.node import mapping
-from skyproto.node.mapping import (
-    HostMapper,
-    MapperExtra,
-    decode_extra,
-    encode_extra,
-    harbor_tcp_port,
-)
+from skyproto.node import host_mapper as mapping
+from skyproto.node.host_mapper import HostMapper
 from skyproto.node.node import Node
 from skyproto.session import SESSION_MAX as TABLE_SESSION_MAX
 from skyproto.wire.codec import (

@@ -21,10 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -32,6 +32,7 @@ from examples.client import endpoint_address
 from examples.greeter import Greeter
 from skyproto.errors import RemoteError
 from skyproto.services import Echo, SimpleDB
+from skyproto.testing import settle, wait_until
 
 from .cluster import failure_of, mesh, result_of
 from .processes import free_port
@@ -44,19 +45,7 @@ CLIENT = EXAMPLES / "client.py"
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
 COMMAND_TIMEOUT = 120  # seconds for one command; the script's own waits are 30 s at most
-T = TypeVar("T")
-
-
-def eventually(condition: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+WAIT = 20.0  #: seconds to wait for a daemon to get somewhere
 
 
 def talk(port: int, requests: list[str], timeout: float = 10.0) -> list[str]:
@@ -206,7 +195,7 @@ class Sandbox:
                         os.killpg(process.pid, signal.SIGKILL)
                     process.wait(10)
         if self.live_pids():
-            eventually(lambda: not self.live_pids(), "our daemons to die", 10)
+            wait_until(lambda: not self.live_pids(), "our daemons to die", 10)
 
 
 @pytest.fixture
@@ -267,10 +256,10 @@ def test_cluster_survives_kill_9_of_its_master_and_a_new_gate_reaches_the_old_si
     sandbox.cluster("start-gate", "--harbor", "3", "--gate-port", "0")
     new_gate = sandbox.state()["gates"]["harbor3"]
     assert new_gate != gate
-    replies = eventually(
+    replies = wait_until(
         lambda: (r := try_talk(new_gate, ["GET color", "GET shape"])) and
         r == ["VALUE blue", "VALUE round"] and r,
-        "the new gate to reach the old SIMPLEDB")
+        "the new gate to reach the old SIMPLEDB", WAIT)
     assert replies == ["VALUE blue", "VALUE round"]
     # and the old gate still works, now that everyone has re-registered
     assert talk(gate, ["GET shape"]) == ["VALUE round"]
@@ -466,7 +455,7 @@ def test_every_command_in_the_examples_readme(sandbox: Sandbox) -> None:
                 return re.search(r"joined the master", text) and re.search(
                     r"gate for GREETER listening on tcp:127\.0\.0\.1:(\d+)", text)
 
-            found = eventually(gate_port, f"{step.command!r} to start")
+            found = wait_until(gate_port, f"{step.command!r} to start", WAIT)
             ports["8888"] = int(found.group(1))
             output = ""
         else:
@@ -529,8 +518,7 @@ def test_greeter_awaits_simpledb_on_another_node() -> None:
 
     def call(*payload: str) -> Any:
         d = front.call("GREETER", list(payload))
-        for _ in range(10):
-            clock.advance(0)
+        settle(clock)
         return d
 
     assert result_of(call("GREET", "name")) == "NOTFOUND"
@@ -565,7 +553,7 @@ def test_greeter_behind_a_gate_on_a_node_with_simpledb(sandbox: Sandbox) -> None
         return re.search(r"gate for GREETER listening on tcp:127\.0\.0\.1:(\d+)",
                          log.read_text())
 
-    port = int(eventually(gate_port, "the gate").group(1))
+    port = int(wait_until(gate_port, "the gate", WAIT).group(1))
     assert re.search(r"service Greeter is :0100000\d \(GREETER\)", log.read_text())
     assert talk(port, ["GREET name", "SET name world", "GREET name", "GET name", "GREET",
                        "GREET a b"]) == [
@@ -602,4 +590,4 @@ def test_twistd_needs_pythonpath_for_a_service_module_in_the_current_directory(
         assert process.poll() is None, f"it exited:\n{log.read_text()}"
         return re.search(r"service Probe is :01000002 \(PROBE\)", log.read_text())
 
-    eventually(started, "the probe service")
+    wait_until(started, "the probe service", WAIT)

@@ -7,6 +7,7 @@ from skyproto.harbor.handshake import HandshakeRefused, LinkHandshake, PeerIdent
 from skyproto.harbor.messages import (
     HARBOR_CODEC,
     Heartbeat,
+    PROTOCOL_VERSION,
     LinkChallenge,
     LinkHello,
     LinkProof,
@@ -91,13 +92,13 @@ def test_version_mismatch_is_refused_with_reason():
 def test_claiming_our_own_harbor_is_refused():
     _, acceptor = pair()
     with pytest.raises(HandshakeRefused, match="our own harbor id 2"):
-        acceptor.receive(LinkHello(1, 2, 100, b"n" * 32))
+        acceptor.receive(LinkHello(PROTOCOL_VERSION, 2, 100, b"n" * 32))
 
 
 def test_out_of_range_harbor_is_refused():
     _, acceptor = pair()
     with pytest.raises(HandshakeRefused, match="harbor id"):
-        acceptor.receive(LinkHello(1, 256, 100, b"n" * 32))
+        acceptor.receive(LinkHello(PROTOCOL_VERSION, 256, 100, b"n" * 32))
 
 
 def test_dialer_refuses_the_wrong_harbor():
@@ -111,7 +112,7 @@ def test_dialer_refuses_the_wrong_harbor():
 def test_short_nonce_is_a_protocol_error():
     _, acceptor = pair()
     with pytest.raises(ProtocolError, match="nonce"):
-        acceptor.receive(LinkHello(1, 1, 100, b"short"))
+        acceptor.receive(LinkHello(PROTOCOL_VERSION, 1, 100, b"short"))
 
 
 def test_out_of_order_messages_are_protocol_errors():

@@ -12,7 +12,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -298,8 +298,11 @@ def test_describe_address() -> None:
 
 
 def test_factory_options_are_checked() -> None:
-    with pytest.raises(ValueError):
-        MapperServerFactory(Clock(), 4369, packet_timeout=0)
+    for seconds in (0, 0.5, -1):  # epmd counts whole seconds; its atoi gives 0: refused
+        with pytest.raises(ValueError, match="at least 1 second"):
+            MapperServerFactory(Clock(), 4369, packet_timeout=seconds)
+    assert MapperServerFactory(Clock(), 4369, packet_timeout=2.9).packet_timeout == 2
+    assert MapperServerFactory(Clock(), 4369).packet_timeout == 60
 
 
 # --------------------------------------------------------------------------- ALIVE2
@@ -648,20 +651,24 @@ def tick(clock: Clock, seconds: int, step: float = 1.0) -> None:
 
 
 def test_idle_connections_time_out(mapper: Mapper, logged: list[LogEvent]) -> None:
-    # packet_timeout 60, swept every 5 s like epmd: closed at the first sweep at least
-    # 60 s after the last byte.
+    # packet_timeout 60, swept every 5 s like epmd: closed at the first sweep at which
+    # more than 60 whole seconds have passed since the last byte (epmd's
+    # ``mod_time + packet_timeout < now``).
     silent = mapper.connect()
     partial = mapper.request(framed(b"zfoo")[:3])
     tick(mapper.clock, 59)
     partial.send(b"f")  # activity resets the idle time
     tick(mapper.clock, 1)
+    assert silent.is_open()  # exactly 60 s: epmd keeps it too
+    tick(mapper.clock, 5)
     assert not silent.is_open()
     assert partial.is_open()
-    tick(mapper.clock, 59)
-    assert partial.is_open()  # 60 s after its last byte, but between two sweeps
+    tick(mapper.clock, 54)
+    assert partial.is_open()  # 60 s after its last byte
     tick(mapper.clock, 1)
-    assert not partial.is_open()
+    assert not partial.is_open()  # 61 s, at a sweep
     assert any("no complete request within 60 s" in r for r in reasons(logged))
+    assert mapper.factory.counters.timed_out == 2
     tick(mapper.clock, 5)
     assert mapper.clock.getDelayedCalls() == []  # nothing left to sweep
 
@@ -676,13 +683,15 @@ def test_registered_connections_do_not_time_out(mapper: Mapper) -> None:
 def test_packet_timeout_option() -> None:
     mapper = Mapper(packet_timeout=2)  # under 5 s: swept every second
     conn = mapper.connect()
-    tick(mapper.clock, 1, step=0.5)
-    assert conn.is_open()
+    tick(mapper.clock, 2, step=0.5)
+    assert conn.is_open()  # 2 whole seconds are not more than 2
     tick(mapper.clock, 1, step=0.5)
     assert not conn.is_open()
-    short = Mapper(packet_timeout=0.5)  # swept every half second
-    conn = short.connect()
-    short.clock.advance(0.5)
+    fraction = Mapper(packet_timeout=1.9)  # 1 s, as epmd's atoi("1.9")
+    conn = fraction.connect()
+    tick(fraction.clock, 1)
+    assert conn.is_open()
+    tick(fraction.clock, 1)
     assert not conn.is_open()
 
 
@@ -719,3 +728,93 @@ def test_many_registrations(mapper: Mapper) -> None:
         node.transport.loseConnection()
     assert len(mapper.factory.table) == 0
     assert len(mapper.factory.table.remembered()) == 1000
+
+
+# --------------------------------------------------------------------------- epmd's timing
+
+
+def slow(packet_timeout: int = 1, phase: float = 0.0) -> Mapper:
+    """A mapper as OTP's epmd_SUITE runs epmd (``-packet_timeout 1``), the clock at ``phase``
+    into a second, with ``foo`` registered at port 1042 (its ``port_request``)."""
+    mapper = Mapper(packet_timeout=packet_timeout)
+    mapper.clock.advance(phase)
+    mapper.register("foo", port=1042)
+    return mapper
+
+
+@pytest.mark.parametrize("phase", [0.0, 0.3, 0.999])
+def test_slow_get_port_nr(phase: float) -> None:
+    # port_request([?EPMD_PORT_PLEASE2_REQ, d, $f, d, $o, d, $o]): the length and the
+    # opcode, then one byte after each 1000 ms pause ("d").
+    mapper = slow(phase=phase)
+    conn = mapper.connect()
+    conn.send(b"\x00\x04z")
+    for byte in b"foo":
+        mapper.clock.advance(1.0)
+        assert conn.is_open(), "closed while the request was still arriving"
+        conn.send(bytes([byte]))
+    assert conn.reply[:4] == bytes.fromhex("77 00 0412")  # PORT2_RESP, port 1042
+    assert not conn.is_open()  # answered, then closed
+    assert mapper.factory.counters.timed_out == 0
+
+
+@pytest.mark.parametrize("phase", [0.0, 0.5])
+def test_a_request_byte_by_byte_with_pauses_of_the_packet_timeout(phase: float) -> None:
+    mapper = slow(packet_timeout=2, phase=phase)
+    conn = mapper.connect()
+    for byte in framed(b"zfoo"):  # every byte, header too, 2 s apart
+        mapper.clock.advance(2.0)
+        assert conn.is_open()
+        conn.send(bytes([byte]))
+    assert conn.reply[:4] == bytes.fromhex("77 00 0412")
+
+
+@pytest.mark.parametrize("phase", [0.0, 0.3, 0.999])
+def test_a_connection_silent_past_the_packet_timeout_is_closed(
+    phase: float, logged: list[LogEvent]
+) -> None:
+    mapper = slow(phase=phase)
+    silent = mapper.connect()
+    partial = mapper.connect().send(b"\x00\x04z")
+    mapper.clock.advance(1.0)
+    assert silent.is_open() and partial.is_open()  # one second is not past 1 s
+    tick(mapper.clock, 2)
+    assert not silent.is_open() and not partial.is_open()
+    assert silent.reply == partial.reply == b""
+    assert mapper.factory.counters.timed_out == 2
+    assert sum("no complete request within 1 s" in r for r in reasons(logged)) == 2
+
+
+def test_per_connection_events_are_counted_and_logged_at_debug_only(
+    mapper: Mapper, logged: list[LogEvent]
+) -> None:
+    # The mapper is unauthenticated: whatever anyone does per connection must not write
+    # one info or warning line each.
+    node = mapper.register("foo")
+    mapper.request(alive2("foo"))  # refused: taken
+    for junk in (b"\x00\x00", framed(b"Qhello"), alive2("bar") + b"x"):
+        mapper.request(junk)  # dropped
+    mapper.request(framed(b"s") + b"foo")  # STOP without relaxed mode: dropped
+    mapper.request(framed(b"k"))  # refused: live nodes
+    mapper.request(framed(b"zfoo"))
+    mapper.connect()
+    tick(mapper.clock, 65, step=5)  # timed out
+    node.send(b"x")  # a byte on the ALIVE socket: unregistered, dropped
+    for _ in range(1000):
+        mapper.request(framed(b"Q"))
+    counters = mapper.factory.counters
+    assert (counters.connections, counters.requests, counters.registrations,
+            counters.unregistrations, counters.refused, counters.dropped,
+            counters.timed_out, counters.kills_refused) == (1009, 4, 1, 1, 1, 1005, 1, 1)
+    loud = [e for e in logged if e.get("log_level") not in (LogLevel.debug, None)]
+    assert loud == []
+    lines = [formatEvent(e) for e in logged]
+    assert any("refused ALIVE2_REQ from 127.0.0.1:40000" in line for line in lines)
+    assert not any(" object at 0x" in line for line in lines)
+
+
+def test_the_factory_does_not_log_its_own_repr(logged: list[LogEvent]) -> None:
+    factory = MapperServerFactory(Clock(), 4369)
+    factory.doStart()
+    factory.doStop()
+    assert logged == []

@@ -23,22 +23,18 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from skyproto.errors import ConfigurationError
-from skyproto.mapper.client import MapperClient, RegistrationRefusedError
-from skyproto.node.mapping import (
-    HostMapper,
-    MapperExtra,
-    NodeLocation,
-    NodeNotFound,
-    NodeResolver,
+from skyproto.endpoints import (
     client_endpoint_for,
-    decode_extra,
-    encode_extra,
     harbor_tcp_port,
     is_node_name,
     parse_endpoint_description,
     tcp_endpoint,
 )
+from skyproto.errors import ConfigurationError
+from skyproto.mapper.client import MapperClient, RegistrationRefusedError
+from skyproto.mapper.extra import MapperExtra, decode_extra, encode_extra
+from skyproto.node.host_mapper import HostMapper
+from skyproto.node.resolver import NodeLocation, NodeNotFound, NodeResolver
 from skyproto.transports.loopback import network_for
 from skyproto.wire.codec import encode_cbor
 

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
 from skyproto.errors import HarborDown, MasterUnavailable, NameConflict
 from skyproto.interfaces import IMasterClient, IMasterListener, IMasterService
-from skyproto.master.messages import MASTER_CODEC
+from skyproto.auth import prove
+from skyproto.master.messages import (
+    MASTER_CODEC,
+    MASTER_ROLE,
+    NODE_ROLE,
+    PROTOCOL_VERSION,
+    Join,
+    MasterChallenge,
+    MasterHello,
+    Welcome,
+    transcript,
+)
 from skyproto.master.registry import (
     HarborJoined,
     HarborLeft,
@@ -25,37 +38,151 @@ from skyproto.services import Echo
 from .cluster import SECRET, Parked, failure_of, network, result_of
 
 
-class Cluster:
-    """A master and nodes on one Clock, over the loopback transport."""
+def build(cls: Any, **fields: Any) -> Any:
+    """A message with the fields its class has (the heartbeat fields are new in version 2)."""
+    names = {f.name for f in attrs.fields(cls)}
+    return cls(**{name: value for name, value in fields.items() if name in names})
 
-    def __init__(self) -> None:
+
+def frames(data: bytes) -> list[Any]:
+    messages = []
+    while data:
+        length = int.from_bytes(data[:4], "big")
+        messages.append(MASTER_CODEC.decode(data[4:4 + length]))
+        data = data[4 + length:]
+    return messages
+
+
+def framed(message: object) -> bytes:
+    body = MASTER_CODEC.encode(message)
+    return len(body).to_bytes(4, "big") + body
+
+
+class MasterPeer:
+    """One connection to a MasterService driven by hand, on a StringTransport."""
+
+    def __init__(self, service: MasterService) -> None:
+        self.service = service
+        self.connection = service.buildProtocol(None)
+        self.transport = StringTransport()
+        self.connection.makeConnection(self.transport)
+        self.nonce = bytes(range(32))
+
+    def send(self, message: object) -> None:
+        self.connection.dataReceived(framed(message))
+
+    def received(self) -> list[Any]:
+        data = self.transport.value()
+        self.transport.clear()
+        return frames(data)
+
+    def join(self, harbor: int, node: str = "n1@test", incarnation: int = 7,
+             secret: bytes = SECRET, names: dict[str, int] | None = None,
+             interval: float = 1.0, timeout: float = 3.0) -> list[Any]:
+        self.send(MasterHello(PROTOCOL_VERSION, self.nonce))
+        challenge, = self.received()
+        assert isinstance(challenge, MasterChallenge)
+        proof = prove(secret, NODE_ROLE, transcript(PROTOCOL_VERSION, self.nonce,
+                                                    challenge.nonce))
+        self.send(build(Join, proof=proof, harbor=harbor, incarnation=incarnation, node=node,
+                        endpoint=f"tcp:127.0.0.1:{7000 + harbor}", names=names or {},
+                        heartbeat_interval=interval, heartbeat_timeout=timeout))
+        return self.received()
+
+
+class FakeMaster:
+    """The master's side of one MasterClientProtocol, driven by hand on a StringTransport."""
+
+    def __init__(self, client: Any, interval: float = 1.0, timeout: float = 3.0) -> None:
+        from skyproto.master.client import MasterClientProtocol
+
+        self.client = client
+        self.protocol = MasterClientProtocol(client)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        hello, = self.received()
+        assert isinstance(hello, MasterHello)
+        nonce = b"m" * 32
+        proof = prove(SECRET, MASTER_ROLE, transcript(PROTOCOL_VERSION, hello.nonce, nonce))
+        self.send(build(MasterChallenge, version=PROTOCOL_VERSION, nonce=nonce, proof=proof,
+                        heartbeat_interval=interval, heartbeat_timeout=timeout))
+        self.join, = self.received()
+
+    def send(self, message: object) -> None:
+        self.protocol.dataReceived(framed(message))
+
+    def received(self) -> list[Any]:
+        data = self.transport.value()
+        self.transport.clear()
+        return frames(data)
+
+    def welcome(self, harbor: int = 1) -> None:
+        from skyproto.master.registry import Table
+
+        self.send(Welcome(harbor, (), Table(0, (), {})))
+
+
+class Cluster:
+    """A master and nodes on one Clock, over the loopback transport.
+
+    ``settled``: the master has been up past its start-up grace (2 s, in which it holds
+    back new names and auto ids for returning nodes) before the first node joins.
+    ``listen``: the loopback names the master listens on (a node may use any of them).
+    """
+
+    def __init__(self, settled: bool = True, listen: tuple[str, ...] = ("master",),
+                 **master: Any) -> None:
         self.clock = Clock()
         self.refusals: dict[int, list[str]] = {}
-        self.master_port: Any = None
+        self.listen = listen
+        self.master_kwargs = master
+        self.master_ports: list[Any] = []
         self.start_master()
+        if settled:
+            self.settle(master.get("auto_grace", 2.0) + 0.1)
+
+    @property
+    def master_port(self) -> Any:
+        return self.master_ports[0] if self.master_ports else None
 
     def start_master(self) -> MasterService:
-        self.master = MasterService(InMemoryRegistry(), self.clock, SECRET)
-        serverFromString(self.clock, "loopback:master").listen(self.master).addCallback(
-            lambda port: setattr(self, "master_port", port))
+        self.master = MasterService(InMemoryRegistry(), self.clock, SECRET, **self.master_kwargs)
+        for name in self.listen:
+            serverFromString(self.clock, f"loopback:{name}").listen(self.master).addCallback(
+                self.master_ports.append)
         self.settle()
         return self.master
 
     def kill_master(self) -> None:
         """Like SIGKILL: the port goes, every connection is cut."""
-        self.master_port.stopListening()
-        for connection in network(self.clock).connections_to("master"):
-            connection.cut("master killed")
+        ports, self.master_ports = self.master_ports, []
+        for port in ports:
+            port.stopListening()
+        for name in self.listen:
+            for connection in network(self.clock).connections_to(name):
+                connection.cut("master killed")
         self.settle()
 
-    def node(self, harbor: int, secret: bytes = SECRET, **kwargs: Any) -> Node:
+    def node(self, harbor: int, secret: bytes = SECRET, name: str | None = None,
+             master: str = "loopback:master", request_timeout: float = 5.0,
+             **kwargs: Any) -> Node:
         node = Node(harbor, self.clock, secret, **kwargs)
         node.listen(f"loopback:h{harbor}-{node.incarnation}")
         endpoint = f"loopback:h{harbor}-{node.incarnation}"
-        node.join_master("loopback:master", f"n{harbor}@test", endpoint,
+        node.join_master(master, name or f"n{harbor}@test", endpoint,
+                         request_timeout=request_timeout,
                          on_refused=self.refusals.setdefault(harbor, []).append)
         self.settle()
         return node
+
+    def settle_until(self, condition: Any, limit: float, step: float = 0.05) -> float:
+        """Advance in steps until ``condition()``; the seconds it took (fails after limit)."""
+        start = self.clock.seconds()
+        self.clock.advance(0)
+        while not condition():
+            assert self.clock.seconds() - start < limit, f"not within {limit} s"
+            self.clock.advance(step)
+        return self.clock.seconds() - start
 
     def kill_node(self, node):
         node.router.stopping = True
@@ -151,9 +278,10 @@ def test_a_live_harbor_id_is_refused_with_the_reason_and_nothing_changes():
     cluster = Cluster()
     cluster.node(1)
     before = cluster.master.registry.snapshot()
-    cluster.node(1, incarnation=10**15)
+    impostor = cluster.node(1, name="impostor@test", incarnation=10**15)
     assert cluster.refusals[1] and "held by live node n1@test" in cluster.refusals[1][0]
     assert cluster.master.registry.snapshot() == before
+    assert impostor.master is not None and impostor.master.state == "refused"
 
 
 def test_wrong_secret_is_refused_and_nothing_registered():
@@ -256,7 +384,7 @@ def test_events_are_encodable():
 
 
 def test_auto_harbor_is_assigned_by_the_master_and_kept_across_a_restart():
-    cluster = Cluster()
+    cluster = Cluster(settled=False)
     cluster.node(1)
     auto = Node(0, cluster.clock, SECRET)
     auto.listen("loopback:auto")
@@ -266,13 +394,13 @@ def test_auto_harbor_is_assigned_by_the_master_and_kept_across_a_restart():
     cluster.settle(1.9)
     assert joined == []  # the master waits out its start-up grace before assigning
     cluster.settle(0.2)
-    assert joined == [2] and auto.harbor == 2
-    assert cluster.master.registry.lookup("ECHO") == 0x02000002
+    assert joined == [255] and auto.harbor == 255  # auto ids come from the top
+    assert cluster.master.registry.lookup("ECHO") == 0xFF000002
     cluster.kill_master()
     cluster.start_master()
     cluster.settle(1.5)
-    assert auto.harbor == 2 and joined == [2]  # re-joined with the id it was given
-    assert cluster.master.registry.lookup("ECHO") == 0x02000002
+    assert auto.harbor == 255 and joined == [255]  # re-joined with the id it was given
+    assert cluster.master.registry.lookup("ECHO") == 0xFF000002
 
 
 def test_an_auto_newcomer_right_after_a_master_restart_takes_no_live_id():
@@ -286,9 +414,9 @@ def test_an_auto_newcomer_right_after_a_master_restart_takes_no_live_id():
     newcomer.listen("loopback:newcomer")
     newcomer.join_master("loopback:master", "new@test", "loopback:newcomer")
     cluster.settle(3)
-    assert newcomer.harbor == 2
+    assert newcomer.harbor == 255
     assert not cluster.refusals.get(1)
-    assert [r.harbor for r in cluster.master.registry.snapshot().harbors] == [1, 2]
+    assert [r.harbor for r in cluster.master.registry.snapshot().harbors] == [1, 255]
     assert a.master.connected
 
 

@@ -1,6 +1,8 @@
 """Nodes, services and harbor links over loopback: every failure semantic, deterministically."""
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -242,13 +244,15 @@ def test_async_handler_awaits_a_call():
 
 def test_messages_queue_while_the_link_comes_up_and_overflow_is_an_error():
     clock = Clock()
-    a = make_node(clock, 1, max_queue=2)
+    frame_size = 4 + 14 + 1  # length prefix, data header, a small CBOR int
+    a = make_node(clock, 1, max_queue_bytes=2 * frame_size)
     b = make_node(clock, 2)
     echo = b.spawn(Echo())
     a.add_peer(2, "loopback:h2")
-    assert a.router.state(2) == "connecting"
+    assert a.router.state(2) == "dialing"
     first, second = a.call(echo, 1), a.call(echo, 2)
-    failure_of(a.call(echo, 3), QueueFull)
+    refused = failure_of(a.call(echo, 3), QueueFull)
+    assert f"{2 * frame_size} bytes already wait" in str(refused.value)
     clock.advance(0)
     assert (result_of(first), result_of(second)) == (1, 2)
 
@@ -260,7 +264,7 @@ def test_unreachable_peer_fails_queued_calls_and_retries():
     d = a.call(make_handle(2, 2), "x")
     clock.advance(0)
     assert "unreachable" in str(failure_of(d, HarborDown).value)
-    assert a.router.state(2) == "down"
+    assert a.router.state(2) == "backoff"
     b = make_node(clock, 2)
     echo = b.spawn(Echo())
     for _ in range(20):
@@ -284,7 +288,7 @@ def test_wrong_secret_is_refused_and_nothing_links():
     d = a.call(echo, "x")
     clock.advance(0)
     assert "secret" in str(failure_of(d, HarborDown).value)
-    assert a.router.state(2) == "down"
+    assert a.router.state(2) == "backoff"
     assert 1 not in b.router.peers or b.router.peers[1].link is None
 
 
@@ -476,3 +480,62 @@ def test_a_peer_that_does_not_read_makes_calls_fail_with_queue_full_not_memory()
     d = a.call(echo, "flowing again")
     clock.advance(0)
     assert result_of(d) == "flowing again"
+
+
+def test_calls_in_flight_on_a_duplicate_link_get_their_replies():
+    """Both dial at once: calls sent on the link that is retired still get their replies (the
+    duplicate is drained, not dropped). Before, the closed duplicate lost them until their
+    10 s timeout."""
+    clock = Clock()
+    a, b = make_node(clock, 1), make_node(clock, 2)
+    echo_a, echo_b = a.spawn(Echo()), b.spawn(Echo())
+    a.add_peer(2, "loopback:h2")
+    b.add_peer(1, "loopback:h1")
+    calls = []
+    for step in range(6):  # calls keep going while the two links come up and one retires
+        calls.append(a.call(echo_b, f"a{step}", timeout=30))
+        calls.append(b.call(echo_a, f"b{step}", timeout=30))
+        clock.advance(0)
+    for _ in range(10):
+        clock.advance(0.1)
+    outcomes = [result_of(d) for d in calls]
+    assert outcomes == [f"{side}{step}" for step in range(6) for side in "ab"]
+    assert len(network(clock).connections) == 1
+    assert a.router.state(2) == b.router.state(1) == "up"
+
+
+def test_parsed_endpoints_are_forgotten_when_peers_move():
+    """Before, the router kept every endpoint string it ever parsed: with tcp:0 each restart
+    of a peer added one."""
+    clock = Clock()
+    a = make_node(clock, 1)
+    for restart in range(50):
+        a.router.add_peer(2, f"loopback:h2-{restart}", dial=False)
+    a.router.add_peer(3, "loopback:h3", dial=False)
+    assert set(a.router._endpoints) == {"loopback:h2-49", "loopback:h3"}
+    a.router.remove_peer(3, "gone")
+    assert set(a.router._endpoints) == {"loopback:h2-49"}
+
+
+def test_a_dial_to_a_silent_endpoint_gives_up_at_the_handshake_timeout_and_backs_off_briefly():
+    """A peer that accepts and never answers: the dial fails at the handshake timeout (not
+    Twisted's 30 s connect timeout), and redials stay within the 2 s backoff cap (they grew
+    to 33 s before)."""
+    clock = Clock()
+    a = make_node(clock, 1)
+    serverFromString(clock, "loopback:silent").listen(Factory.forProtocol(Protocol))
+    a.add_peer(2, "loopback:silent")
+    clock.advance(0)
+    assert a.router.state(2) == "handshaking"
+    clock.advance(5.0)
+    assert a.router.state(2) == "backoff"
+    assert "unreachable" in a.router.peers[2].last_error
+    delays = []
+    for _ in range(8):
+        retry = a.router.peers[2].core.retry
+        assert retry is not None
+        delays.append(retry.getTime() - clock.seconds())
+        clock.advance(delays[-1])
+        assert a.router.state(2) == "handshaking"
+        clock.advance(5.0)
+    assert max(delays) <= 2.0 * 1.2

@@ -62,12 +62,26 @@ def test_leave_of_an_old_incarnation_changes_nothing():
     assert registry.harbor(1) is not None
 
 
-def test_auto_assignment_takes_the_lowest_free_id():
+def test_auto_assignment_takes_ids_from_the_top():
     registry = InMemoryRegistry()
     joined(registry, harbor=1)
-    joined(registry, harbor=3)
-    assert joined(registry, harbor=0).harbor == 2
-    assert joined(registry, harbor=0).harbor == 4
+    joined(registry, harbor=255)
+    assert joined(registry, harbor=0).harbor == 254
+    assert joined(registry, harbor=0).harbor == 253
+
+
+def test_auto_ids_never_take_an_id_a_fixed_node_used_while_another_is_free():
+    # Fixed nodes that crashed (or start a little later) must find their ids free.
+    registry = InMemoryRegistry()
+    for harbor in (1, 2, 3, 200):
+        joined(registry, harbor=harbor)
+        registry.leave(harbor, 10, "crashed")
+    assigned = [joined(registry, harbor=0).harbor for _ in range(251)]
+    assert assigned == [h for h in range(255, 0, -1) if h not in (1, 2, 3, 200)]
+    # only fixed nodes' ids are left: an auto node may have one rather than nothing
+    assert joined(registry, harbor=0).harbor == 200
+    for harbor in (1, 2, 3):
+        assert joined(registry, harbor=harbor).harbor == harbor
 
 
 def test_all_ids_taken():

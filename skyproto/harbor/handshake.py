@@ -1,9 +1,10 @@
 """The harbor link handshake as a pure state machine (no I/O), tested directly.
 
 Three messages, like a TLS-PSK exchange: the dialer sends LinkHello (its harbor id,
-incarnation and nonce); the acceptor answers LinkChallenge (its own, plus an HMAC proof over
-both); the dialer checks that proof and sends its own. Each proof covers both fresh nonces
-and both identities under a role label, so nothing can be replayed or reflected.
+incarnation, heartbeat timing and nonce); the acceptor answers LinkChallenge (its own, plus
+an HMAC proof over both); the dialer checks that proof and sends its own. Each proof covers
+both fresh nonces, both identities and both timings under a role label, so nothing can be
+replayed, reflected or altered. Both sides then beat at the slower side's timing.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import attrs
 from ..address import check_harbor
 from ..auth import NONCE_SIZE, new_nonce, prove, verify
 from ..errors import AddressError, AuthenticationFailed, ProtocolError
+from ..wire.heartbeat import HeartbeatTiming
 from .messages import PROTOCOL_VERSION, LinkChallenge, LinkHello, LinkProof, LinkRefused
 
 _IDENTITIES: Final = struct.Struct(">HBQBQ")
+_TIMINGS: Final = struct.Struct(">dddd")
 DIALER: Final = b"harbor-dialer"
 ACCEPTOR: Final = b"harbor-acceptor"
 
@@ -33,6 +36,8 @@ class PeerIdentity:
 
     harbor: int
     incarnation: int
+    #: the heartbeat timing both sides use (the slower side's)
+    timing: HeartbeatTiming = HeartbeatTiming()
 
 
 @attrs.frozen
@@ -43,12 +48,27 @@ class Step:
     peer: PeerIdentity | None = None
 
 
-def _transcript(hello: LinkHello, harbor: int, incarnation: int, nonce: bytes) -> bytes:
+def _transcript(hello: LinkHello, harbor: int, incarnation: int, nonce: bytes,
+                timing: HeartbeatTiming) -> bytes:
     if not 0 <= incarnation < 2**64 or not 0 <= hello.incarnation < 2**64:
         raise ProtocolError("incarnation out of range")
     return hello.nonce + nonce + _IDENTITIES.pack(
         hello.version, hello.harbor, hello.incarnation, harbor, incarnation
-    )
+    ) + _TIMINGS.pack(hello.heartbeat_interval, hello.heartbeat_timeout,
+                      timing.interval, timing.timeout)
+
+
+#: a peer's heartbeat timing must be sane: beats at most every minute, silence at most 10 min
+MAX_HEARTBEAT_INTERVAL: Final = 60.0
+MAX_HEARTBEAT_TIMEOUT: Final = 600.0
+
+
+def _peer_timing(interval: float, timeout: float) -> HeartbeatTiming:
+    if not (0 < interval <= MAX_HEARTBEAT_INTERVAL and interval < timeout
+            and timeout <= MAX_HEARTBEAT_TIMEOUT):
+        raise HandshakeRefused(
+            f"unusable heartbeat timing: every {interval!r} s, silent after {timeout!r} s")
+    return HeartbeatTiming(interval, timeout)
 
 
 @attrs.define
@@ -61,6 +81,8 @@ class LinkHandshake:
     dialer: bool
     expect_harbor: int | None = None
     nonce: bytes = attrs.field(factory=new_nonce, repr=False)
+    #: this side's heartbeat timing, told to the peer
+    timing: HeartbeatTiming = HeartbeatTiming()
     _hello: LinkHello | None = attrs.field(default=None, init=False)
     done: bool = attrs.field(default=False, init=False)
 
@@ -68,7 +90,8 @@ class LinkHandshake:
         """The dialer's first message (the acceptor waits)."""
         if not self.dialer:
             return None
-        self._hello = LinkHello(PROTOCOL_VERSION, self.harbor, self.incarnation, self.nonce)
+        self._hello = LinkHello(PROTOCOL_VERSION, self.harbor, self.incarnation, self.nonce,
+                                self.timing.interval, self.timing.timeout)
         return self._hello
 
     def receive(self, message: object) -> Step:
@@ -101,19 +124,24 @@ class LinkHandshake:
 
     def _on_hello(self, hello: LinkHello) -> Step:
         self._check_peer(hello.version, hello.harbor, hello.nonce)
+        _peer_timing(hello.heartbeat_interval, hello.heartbeat_timeout)
         self._hello = hello
-        transcript = _transcript(hello, self.harbor, self.incarnation, self.nonce)
+        transcript = _transcript(hello, self.harbor, self.incarnation, self.nonce, self.timing)
         proof = prove(self.secret, ACCEPTOR, transcript)
         return Step(send=(LinkChallenge(PROTOCOL_VERSION, self.harbor, self.incarnation,
-                                        self.nonce, proof),))
+                                        self.nonce, proof, self.timing.interval,
+                                        self.timing.timeout),))
 
     def _on_proof(self, message: LinkProof) -> Step:
-        assert self._hello is not None
-        transcript = _transcript(self._hello, self.harbor, self.incarnation, self.nonce)
+        hello = self._hello
+        assert hello is not None
+        transcript = _transcript(hello, self.harbor, self.incarnation, self.nonce, self.timing)
         if not verify(self.secret, DIALER, transcript, message.proof):
             raise AuthenticationFailed("peer failed to prove the cluster secret")
         self.done = True
-        return Step(peer=PeerIdentity(self._hello.harbor, self._hello.incarnation))
+        theirs = HeartbeatTiming(hello.heartbeat_interval, hello.heartbeat_timeout)
+        return Step(peer=PeerIdentity(hello.harbor, hello.incarnation,
+                                      self.timing.governing(theirs)))
 
     def _on_challenge(self, challenge: LinkChallenge) -> Step:
         assert self._hello is not None
@@ -122,12 +150,14 @@ class LinkHandshake:
             raise HandshakeRefused(
                 f"dialed harbor {self.expect_harbor} but harbor {challenge.harbor} answered"
             )
+        theirs = _peer_timing(challenge.heartbeat_interval, challenge.heartbeat_timeout)
         transcript = _transcript(self._hello, challenge.harbor, challenge.incarnation,
-                                 challenge.nonce)
+                                 challenge.nonce, theirs)
         if not verify(self.secret, ACCEPTOR, transcript, challenge.proof):
             raise AuthenticationFailed("peer failed to prove the cluster secret")
         self.done = True
         return Step(
             send=(LinkProof(prove(self.secret, DIALER, transcript)),),
-            peer=PeerIdentity(challenge.harbor, challenge.incarnation),
+            peer=PeerIdentity(challenge.harbor, challenge.incarnation,
+                              self.timing.governing(theirs)),
         )

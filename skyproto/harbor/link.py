@@ -7,7 +7,7 @@ moves frames between the transport and them, keeps the heartbeat, and tells its
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
 from typing import Any
 
 import attrs
@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..address import harbor_of
-from ..errors import AuthenticationFailed, HarborDown, ProtocolError
+from ..errors import AuthenticationFailed, FrameTooLarge, HarborDown, ProtocolError, QueueFull
 from ..interfaces import IHarborLink, IMessageSink
 from ..wire.codec import (
     DATA_HEADER,
@@ -29,10 +29,16 @@ from ..wire.codec import (
     encode_cbor,
     encode_data_frame,
 )
-from ..wire.framing import DEFAULT_MAX_FRAME, DEFAULT_MAX_OUTBOUND, FrameProtocol
-from ..wire.heartbeat import HeartbeatTimer
+from ..wire.framing import (
+    DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_OUTBOUND,
+    WRITE_CHUNK,
+    FrameProtocol,
+    describe_peer,
+)
+from ..wire.heartbeat import HeartbeatTimer, HeartbeatTiming
 from .handshake import HandshakeRefused, LinkHandshake
-from .messages import HARBOR_CODEC, Heartbeat, LinkRefused
+from .messages import HARBOR_CODEC, Heartbeat, LinkRefused, LinkRetired
 
 _CONTROL = bytes([FrameKind.CONTROL])
 _DATA = FrameKind.DATA
@@ -79,24 +85,31 @@ class HarborLink(FrameProtocol):
         self.peer_harbor = 0
         self.peer_incarnation = 0
         self.up = False
+        #: a duplicate: nothing new is sent on it; it closes once the peer retired it too
+        self.retired = False
         #: a dialer's: fires with this link once it is up, or fails with why it never came up
         self.ready: Deferred[HarborLink] = Deferred()
+        timing = HeartbeatTiming(config.heartbeat_interval, config.heartbeat_timeout)
         self._handshake = LinkHandshake(
-            config.secret, config.harbor, config.incarnation, dialer, expect_harbor
+            config.secret, config.harbor, config.incarnation, dialer, expect_harbor,
+            timing=timing,
         )
         self._timer: IDelayedCall | None = None
-        self._heartbeat = HeartbeatTimer(clock, config.heartbeat_interval, config.heartbeat_timeout,
-                                    self._beat, self._silent)
+        self._heartbeat = HeartbeatTimer(clock, timing.interval, timing.timeout,
+                                         self._beat, self._silent)
         self._lost_reason: BaseException | None = None
         self._batch: list[bytes] | None = None
-        # The hot path skips a frame: a sink may offer ``deliver`` (source, destination,
-        # session, type, payload, incarnation); otherwise data goes to data_received.
-        self._deliver: Callable[..., None] = getattr(
-            sink, "deliver", None) or (lambda *a: sink.data_received(self, *a[:5]))
+        self._batch_size = 0
+        self._data_received = sink.data_received
 
     @property
     def local_harbor(self) -> int:
         return self.config.harbor
+
+    @property
+    def timing(self) -> HeartbeatTiming:
+        """The heartbeat timing in force (negotiated once the link is up)."""
+        return HeartbeatTiming(self._heartbeat.interval, self._heartbeat.timeout)
 
     # --- Twisted protocol --------------------------------------------------------------
 
@@ -110,18 +123,25 @@ class HarborLink(FrameProtocol):
             self._send_control(hello)
 
     def dataReceived(self, data: bytes) -> None:
+        # Liveness counts bytes, not whole frames: part of a large frame is a sign of life.
+        self._heartbeat.heard()
         # Replies made while handling these frames go out in one write, not one per frame.
         batch: list[bytes] = []
         self._batch = batch
+        self._batch_size = 0
         try:
             super().dataReceived(data)  # type: ignore[no-untyped-call]
         finally:
             self._batch = None
             if batch and self.transport is not None:
-                self.transport.write(b"".join(batch))
+                self.write_frames(batch)
+
+    def transport_drained(self) -> None:
+        # The peer is taking our bytes: alive, even while we do not read it.
+        self._heartbeat.heard()
+        super().transport_drained()
 
     def frame_received(self, frame: bytes) -> None:
-        self._heartbeat.heard()
         if frame and frame[0] == _DATA and self.up:
             source, destination, session, ptype = decode_data_header(frame)
             if source >> 24 != self.peer_harbor or destination >> 24 != self.config.harbor:
@@ -131,7 +151,7 @@ class HarborLink(FrameProtocol):
             except ProtocolError as e:
                 self.sink.bad_payload(self, source, destination, session, e)
                 return
-            self._deliver(source, destination, session, ptype, payload, self.peer_incarnation)
+            self._data_received(self, source, destination, session, ptype, payload)
         elif frame and frame[0] == FrameKind.CONTROL:
             self._control_received(HARBOR_CODEC.decode(frame[1:]))
         elif not frame:
@@ -154,32 +174,56 @@ class HarborLink(FrameProtocol):
             self._timer.cancel()
         self._timer = None
         self._heartbeat.stop()
+        self.discard_outbound()
         why = self._lost_reason or reason.value
         if self.up:
             self.up = False
             self.log.info("harbor {peer} (incarnation {incarnation}) link lost: {why}",
-                          peer=self.peer_harbor, incarnation=self.peer_incarnation, why=why)
+                          peer=self.peer_harbor, incarnation=self.peer_incarnation, why=str(why))
             self.sink.link_down(self, HarborDown(f"link to harbor {self.peer_harbor} lost: {why}"))
         elif self.dialer and not self.ready.called:
             self.ready.errback(why if isinstance(why, Exception) else HarborDown(str(why)))
         else:
-            self.log.info("link from {peer} closed before its handshake: {why}",
-                          peer=self.transport.getPeer() if self.transport else None, why=why)
+            # Anyone can connect and go away: not worth a line each at info.
+            self.log.debug("link from {peer} closed before its handshake: {why}",
+                           peer=describe_peer(self.transport), why=str(why))
 
     # --- IHarborLink -------------------------------------------------------------------
 
     def send_data(self, source: int, destination: int, session: int, ptype: int,
                   payload: Any) -> None:
-        frame = encode_data_frame(source, destination, session, ptype, encode_cbor(payload))
+        self.write_frame(encode_data_frame(source, destination, session, ptype,
+                                           encode_cbor(payload)), session > 0)
+
+    def write_frame(self, frame: bytes, must: bool) -> None:
         if len(frame) - 4 > self.MAX_LENGTH:
-            self.send_frame(frame[4:])  # raises FrameTooLarge with the sizes
-        if self.congested:
-            self.count_backlog(len(frame))  # raises QueueFull past the link's limit
+            raise FrameTooLarge(len(frame) - 4, self.MAX_LENGTH)
         batch = self._batch
-        if batch is not None:
-            batch.append(frame)
-        else:
-            self.transport.write(frame)  # type: ignore[union-attr]
+        if batch is None:
+            self.write_bytes(frame, must)
+            return
+        if not must:
+            self.check_room(len(frame))
+        batch.append(frame)
+        self._batch_size += len(frame)
+        if self._batch_size >= WRITE_CHUNK:
+            # Out now: the transport may fill, and then this link stops reading requests
+            # whose replies would only pile up (the router pauses it between frames).
+            frames = batch[:]
+            batch.clear()
+            self._batch_size = 0
+            self.write_frames(frames)
+
+    def retire(self, reason: str) -> None:
+        if self.retired or self.transport is None:
+            return
+        self.retired = True
+        self.log.info("retiring duplicate link to harbor {peer}: {reason}",
+                      peer=self.peer_harbor, reason=reason)
+        self._send_control(LinkRetired(reason))
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.clock.callLater(self.config.handshake_timeout, self._retire_late)
 
     def close(self, reason: str) -> None:
         self.log.info("closing link to harbor {peer}: {reason}", peer=self.peer_harbor,
@@ -187,8 +231,19 @@ class HarborLink(FrameProtocol):
         self._lost_reason = HarborDown(reason)
         if self.transport is not None:
             if self.up:
-                self._send_control(LinkRefused(reason))  # so the peer knows why
+                with contextlib.suppress(ProtocolError, QueueFull):
+                    self._send_control(LinkRefused(reason))  # so the peer knows why
             self.transport.loseConnection()
+
+    # --- congestion (FrameProtocol hooks) -----------------------------------------------
+
+    def outbound_congested(self) -> None:
+        if self.up:
+            self.sink.link_congested(self)
+
+    def outbound_drained(self) -> None:
+        if self.up:
+            self.sink.link_drained(self)
 
     # --- internals ---------------------------------------------------------------------
 
@@ -200,11 +255,19 @@ class HarborLink(FrameProtocol):
                 self._lost_reason = HarborDown(f"peer closed the link: {message.reason}")
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
+            if isinstance(message, LinkRetired):
+                # The peer sends nothing more here; everything it sent before is read.
+                if not self.retired:
+                    self.sink.link_retired(self)
+                    self.retire(message.reason)
+                self._lost_reason = HarborDown(f"duplicate link retired: {message.reason}")
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
             raise ProtocolError(f"unexpected {type(message).__name__} on an up link")
         if isinstance(message, LinkRefused):
             self._lost_reason = HandshakeRefused(f"peer refused the link: {message.reason}")
             self.log.warn("{peer} refused the link: {reason}",
-                          peer=self.transport.getPeer(), reason=message.reason)  # type: ignore[union-attr]
+                          peer=describe_peer(self.transport), reason=message.reason)
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         try:
@@ -225,6 +288,7 @@ class HarborLink(FrameProtocol):
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
+            self._heartbeat.retime(step.peer.timing)
             self._heartbeat.start()
             self.log.info("harbor {peer} link up (incarnation {incarnation})",
                           peer=self.peer_harbor, incarnation=self.peer_incarnation)
@@ -232,8 +296,9 @@ class HarborLink(FrameProtocol):
             self.ready.callback(self)
 
     def _refuse(self, error: Exception, told: str) -> None:
-        self.log.warn("refusing link from {peer}: {error}", peer=self.transport.getPeer(),  # type: ignore[union-attr]
-                      error=error)
+        # Before the handshake anyone may connect: count, and log at debug only.
+        self.log.debug("refusing link from {peer}: {error}", peer=describe_peer(self.transport),
+                       error=str(error))
         self._lost_reason = error
         self._send_control(LinkRefused(told))
         self.transport.loseConnection()  # type: ignore[union-attr]
@@ -253,7 +318,13 @@ class HarborLink(FrameProtocol):
         self._lost_reason = HarborDown(
             f"no handshake within {self.config.handshake_timeout:g} s"
         )
-        self.drop(str(self._lost_reason))
+        self.drop(str(self._lost_reason), quiet=True)
+
+    def _retire_late(self) -> None:
+        self._timer = None
+        self._lost_reason = HarborDown("the peer never retired the duplicate link")
+        if self.transport is not None:
+            self.transport.loseConnection()
 
 
 @attrs.define

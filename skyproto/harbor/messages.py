@@ -8,7 +8,8 @@ import attrs
 
 from ..wire.codec import MessageCodec
 
-PROTOCOL_VERSION: Final = 1
+#: 2: hello and challenge carry each side's heartbeat timing; LinkRetired
+PROTOCOL_VERSION: Final = 2
 
 HARBOR_CODEC = MessageCodec("harbor")
 
@@ -22,6 +23,9 @@ class LinkHello:
     harbor: int
     incarnation: int
     nonce: bytes
+    #: how often this side beats and how long a silence it tolerates (the slower side governs)
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
 
 
 @HARBOR_CODEC.message(2)
@@ -34,6 +38,8 @@ class LinkChallenge:
     incarnation: int
     nonce: bytes
     proof: bytes
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
 
 
 @HARBOR_CODEC.message(3)
@@ -56,3 +62,15 @@ class LinkRefused:
 @attrs.frozen
 class Heartbeat:
     """Sent every heartbeat interval; any frame counts as a sign of life."""
+
+
+@HARBOR_CODEC.message(6)
+@attrs.frozen
+class LinkRetired:
+    """Either side: this link is a duplicate and carries nothing more from me.
+
+    Both sides of a duplicate pair retire the same link (the one the higher harbor id
+    dialed); each closes it once it has the other's LinkRetired, so nothing sent on it
+    before is lost."""
+
+    reason: str

@@ -4,8 +4,10 @@ One :class:`MapperServerFactory` serves any number of listening ports (IPv4, IPv
 loopback) over one :class:`~skyproto.mapper.table.MapperTable`. Each connection carries
 exactly one EPMD request (EPMD.md section 1). An ALIVE2_REQ keeps its connection open and
 the registration lives exactly as long as it; every other request is answered and
-closed. Malformed input closes only that connection, with a logged reason. The reactor
-(for the idle timeout) is injected, never imported.
+closed. Malformed input closes only that connection. The mapper is unauthenticated by
+design, so what happens per connection (registered, refused, dropped, timed out) is
+counted in :class:`MapperCounters` and logged at debug level only: nobody can flood the
+log by connecting. The reactor (for the idle timeout) is injected, never imported.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Final
 
+import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -46,6 +49,7 @@ from .table import MapperTable
 __all__ = [
     "DEFAULT_PACKET_TIMEOUT",
     "RELAXED_ENV",
+    "MapperCounters",
     "MapperServerFactory",
     "MapperServerProtocol",
     "describe_address",
@@ -55,6 +59,9 @@ __all__ = [
 
 #: epmd's default ``-packet_timeout``: idle, unregistered connections are closed after it.
 DEFAULT_PACKET_TIMEOUT: Final = 60.0
+#: epmd checks idle connections every second if the packet timeout is under this, else
+#: every this many seconds (its select() timeout).
+_IDLE_CHECK: Final = 5
 #: Setting this variable (to anything) turns relaxed command checking on, as for epmd.
 RELAXED_ENV: Final = "ERL_EPMD_RELAXED_COMMAND_CHECK"
 
@@ -100,6 +107,22 @@ def describe_address(address: IAddress) -> str:
     return str(address)
 
 
+@attrs.define
+class MapperCounters:
+    """What one mapper has seen, counted rather than logged one line each."""
+
+    connections: int = 0  #: connections accepted
+    requests: int = 0  #: complete requests handled
+    registrations: int = 0  #: ALIVE2_REQ accepted
+    unregistrations: int = 0  #: registrations ended (connection closed, a byte, STOP)
+    refused: int = 0  #: ALIVE2_REQ answered with an error (name taken or invalid)
+    dropped: int = 0  #: closed without a reply: malformed, forbidden, unknown, extra bytes
+    timed_out: int = 0  #: closed by the packet timeout before a complete request
+    stopped: int = 0  #: names removed by STOP_REQ
+    kills_refused: int = 0  #: KILL_REQ answered NO (live nodes)
+    kills_ignored: int = 0  #: KILL_REQ accepted with no on_kill handler
+
+
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(text.split("%", 1)[0])
@@ -112,7 +135,9 @@ class MapperServerProtocol(Protocol):
 
     States: reading (subject to the idle timeout), registered (ALIVE2 accepted: any byte or the
     close unregisters), refused (ALIVE2 error reply sent: kept open, unregistered, as epmd
-    does), closing (answered; further bytes are ignored).
+    does), closing (answered; further bytes are ignored). ``last_activity`` is in whole
+    seconds, like epmd's ``mod_time``: set when the connection opens and at each chunk
+    of bytes received while reading.
     """
 
     log = Logger()
@@ -122,7 +147,7 @@ class MapperServerProtocol(Protocol):
         self.state = _READING
         self.registered: str | None = None
         self.fd = -1
-        self.last_activity = 0.0
+        self.last_activity = 0
         self._reader = RequestReader()
         self._kill_requested = False
 
@@ -130,7 +155,7 @@ class MapperServerProtocol(Protocol):
         # Kept lean: a mapper serves many one-request connections. No TCP_NODELAY: every
         # reply is a single write followed by a close, so Nagle never holds anything back.
         self._reader.local = self._is_local
-        self.last_activity = self.factory.clock.seconds()
+        self.last_activity = self.factory.whole_seconds()
         self.factory.connection_opened(self)
 
     def _is_local(self) -> bool:
@@ -151,6 +176,7 @@ class MapperServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         state = self.state
         if state is _READING:
+            self.last_activity = self.factory.whole_seconds()  # epmd: "Note activity"
             try:
                 request = self._reader.feed(data)
             except Alive2RefusedError as e:
@@ -160,9 +186,9 @@ class MapperServerProtocol(Protocol):
                 self._drop(str(e))
                 return
             if request is None:
-                self.last_activity = self.factory.clock.seconds()
                 return
             self.factory.request_received(self)
+            self.factory.counters.requests += 1
             self._handle(request)
         elif state is _REGISTERED or state is _REFUSED:
             self._drop(f"got {len(data)} more bytes than expected on ALIVE socket")
@@ -192,10 +218,11 @@ class MapperServerProtocol(Protocol):
             self._answer(encode_dump_reply(factory.port, active, unused))
         elif isinstance(request, KillRequest):
             if not factory.relaxed and len(table):
-                self.log.info("refusing KILL_REQ from {peer}: live nodes", peer=self.peer)
+                factory.counters.kills_refused += 1
+                self.log.debug("refusing KILL_REQ from {peer}: live nodes", peer=self.peer)
                 self._answer(KILL_NO)
             else:
-                self.log.info("KILL_REQ from {peer}: stopping", peer=self.peer)
+                self.log.debug("KILL_REQ from {peer} accepted", peer=self.peer)
                 self._kill_requested = True
                 self._answer(KILL_OK)
         else:
@@ -220,9 +247,10 @@ class MapperServerProtocol(Protocol):
         self.state = _REGISTERED
         self.registered = request.name
         self.factory.node_registered(request.name, self)
+        self.factory.counters.registrations += 1
         assert self.transport is not None
         self.transport.write(encode_reply(alive2_reply(request.high, registration.creation)))
-        self.log.info(
+        self.log.debug(
             "registered {name} at port {port} with creation {creation} for {peer}",
             name=request.name,
             port=request.port,
@@ -235,7 +263,8 @@ class MapperServerProtocol(Protocol):
             self._drop(f"STOP_REQ for {request.name!r} without relaxed command check")
             return
         if self.factory.stop_node(request.name):
-            self.log.info("stopped {name} for {peer}", name=request.name, peer=self.peer)
+            self.factory.counters.stopped += 1
+            self.log.debug("stopped {name} for {peer}", name=request.name, peer=self.peer)
             self._answer(STOP_STOPPED)
         else:
             self._answer(STOP_NOEXIST + STOP_STOPPED)  # what real epmd sends [observed]
@@ -253,25 +282,31 @@ class MapperServerProtocol(Protocol):
     def _refuse(self, reason: str, reply: bytes) -> None:
         """Send an ALIVE2 error reply and keep the connection open, unregistered, like epmd."""
         self.factory.request_received(self)  # exempt from the idle timeout from now on
+        self.factory.counters.refused += 1
         self.state = _REFUSED
-        self.log.info("refused ALIVE2_REQ from {peer}: {reason}", peer=self.peer, reason=reason)
+        self.log.debug("refused ALIVE2_REQ from {peer}: {reason}", peer=self.peer, reason=reason)
         assert self.transport is not None
         self.transport.write(reply)
 
     def _drop(self, reason: str) -> None:
-        """Close this connection (only this one) without a reply, logging why."""
+        """Close this connection (only this one) without a reply; count it, log why."""
+        self.factory.counters.dropped += 1
+        self._close(reason)
+
+    def _close(self, reason: str) -> None:
         self.factory.request_received(self)
         self._release()
         self.state = _CLOSING
-        self.log.info("closing {peer}: {reason}", peer=self.peer, reason=reason)
+        self.log.debug("closing {peer}: {reason}", peer=self.peer, reason=reason)
         assert self.transport is not None
         self.transport.loseConnection()
 
     def timed_out(self) -> None:
-        """The factory's sweep found this connection idle for packet_timeout seconds."""
+        """The factory's sweep found this connection idle past packet_timeout seconds."""
         if self.state is _READING:
-            self._drop(
-                f"no complete request within {self.factory.packet_timeout:g} s "
+            self.factory.counters.timed_out += 1
+            self._close(
+                f"no complete request within {self.factory.packet_timeout} s "
                 f"({self._reader.buffered} bytes buffered)"
             )
 
@@ -297,9 +332,17 @@ class MapperServerFactory(Factory):
     attribute after listening on port 0. ``relaxed`` is epmd's
     ``-relaxed_command_check`` (see :func:`relaxed_from_environ`); ``on_kill`` is called
     after an accepted KILL_REQ has been answered (the daemon should then exit).
+
+    ``packet_timeout`` is in whole seconds, as epmd's ``-packet_timeout`` (a fraction is
+    dropped, as epmd's ``atoi`` does; less than 1 is refused). A connection still reading
+    its request is closed once ``last_activity + packet_timeout`` is less than the current
+    whole second, checked every second (timeouts under 5 s) or every 5 seconds: exactly
+    epmd's rule, so a request trickling in a byte per second with ``-packet_timeout 1``
+    (OTP's ``slow_get_port_nr``) is served. ``counters`` counts what happened.
     """
 
     log = Logger()
+    noisy = False
 
     def __init__(
         self,
@@ -311,21 +354,26 @@ class MapperServerFactory(Factory):
         packet_timeout: float = DEFAULT_PACKET_TIMEOUT,
         on_kill: Callable[[], object] | None = None,
     ) -> None:
-        if packet_timeout <= 0:
-            raise ValueError("packet_timeout must be positive")
+        if not packet_timeout >= 1:
+            raise ValueError(
+                f"packet_timeout must be at least 1 second (whole seconds, as epmd counts "
+                f"them), not {packet_timeout!r}"
+            )
         self.clock = reactor
         self.port = port
         self.table = table if table is not None else MapperTable(reactor.seconds)
         self.relaxed = relaxed
-        self.packet_timeout = packet_timeout
+        #: whole seconds an incomplete request may stay silent
+        self.packet_timeout = int(packet_timeout)
         self.on_kill = on_kill
+        self.counters = MapperCounters()
         self.connections: set[MapperServerProtocol] = set()
         self._nodes: dict[str, MapperServerProtocol] = {}
         self._serial = 0
         # Connections still reading their request, swept for idleness like epmd does:
         # every second if packet_timeout < 5, else every 5 seconds.
         self._reading: set[MapperServerProtocol] = set()
-        self._sweep_interval = min(packet_timeout, 1.0 if packet_timeout < 5 else 5.0)
+        self._sweep_interval = 1.0 if self.packet_timeout < _IDLE_CHECK else float(_IDLE_CHECK)
         self._sweeper: IDelayedCall | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> MapperServerProtocol:
@@ -341,7 +389,12 @@ class MapperServerFactory(Factory):
         self._serial += 1
         return -self._serial
 
+    def whole_seconds(self) -> int:
+        """The clock in whole seconds, as epmd's ``time(NULL)``."""
+        return int(self.clock.seconds())
+
     def connection_opened(self, protocol: MapperServerProtocol) -> None:
+        self.counters.connections += 1
         self.connections.add(protocol)
         self._reading.add(protocol)
         if self._sweeper is None:
@@ -356,10 +409,11 @@ class MapperServerFactory(Factory):
         self._reading.discard(protocol)
 
     def _sweep(self) -> None:
-        """Close connections idle for packet_timeout; run again while any are reading."""
+        """Close connections idle past packet_timeout; run again while any are reading."""
         self._sweeper = None
-        deadline = self.clock.seconds() - self.packet_timeout
-        for protocol in [p for p in self._reading if p.last_activity <= deadline]:
+        now = self.whole_seconds()
+        timeout = self.packet_timeout
+        for protocol in [p for p in self._reading if p.last_activity + timeout < now]:
             protocol.timed_out()
         if self._reading:
             self._sweeper = self.clock.callLater(self._sweep_interval, self._sweep)
@@ -378,12 +432,14 @@ class MapperServerFactory(Factory):
         if self._nodes.get(name) is protocol:
             del self._nodes[name]
             self.table.unregister(name)
-            self.log.info("unregistered {name} ({peer})", name=name, peer=protocol.peer)
+            self.counters.unregistrations += 1
+            self.log.debug("unregistered {name} ({peer})", name=name, peer=protocol.peer)
 
     def stop_node(self, name: str) -> bool:
         """STOP_REQ: unregister ``name`` now and close its registration socket."""
         if not self.table.unregister(name):
             return False
+        self.counters.unregistrations += 1
         protocol = self._nodes.pop(name, None)
         if protocol is not None:
             protocol.unregistered_by_stop()
@@ -392,6 +448,8 @@ class MapperServerFactory(Factory):
     def killed(self) -> None:
         """An accepted KILL_REQ has been answered and closed: hand over to ``on_kill``."""
         if self.on_kill is None:
-            self.log.warn("KILL_REQ accepted but no on_kill handler is set: carrying on")
+            self.counters.kills_ignored += 1
+            self.log.debug("KILL_REQ accepted but no on_kill handler is set: carrying on")
             return
+        self.log.info("KILL_REQ accepted: stopping")
         self.on_kill()

@@ -1,29 +1,39 @@
 """The node's side of the name service: stay connected, stay joined, keep the table.
 
 A Twisted ClientService keeps one connection to the master and reconnects with jittered
-exponential backoff. Every (re)connection authenticates and joins again with the node's
-harbor, incarnation, endpoint and the global names it holds, so a restarted master rebuilds
-its table from the nodes. The client keeps the master's view of the table, applies pushed
-events in sequence, and fetches the whole table again when it sees a gap.
+exponential backoff (capped at ``retry_max``); every attempt, connect and handshake, is
+bounded by ``connect_timeout`` on the injected clock. On top of it the join life cycle is
+an explicit state machine (automat): idle, connecting, handshaking, joining, up,
+resyncing, refused, stopped. Every (re)connection runs the pure
+:class:`~skyproto.master.handshake.NodeHandshake` and joins again with the node's harbor,
+incarnation, endpoint and the global names a master granted it, so a restarted master
+rebuilds its table from the nodes. Names the node claimed but no master granted yet are
+asked for with BindName after the welcome. The client keeps the master's view of the
+table, applies pushed events in sequence, and fetches the whole table on a gap.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
-import attrs
-from twisted.application.internet import ClientService, backoffPolicy
+from automat import TypeMachineBuilder
+from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..auth import new_nonce, prove, verify
 from ..errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -35,118 +45,202 @@ from ..errors import (
 from ..interfaces import IMasterClient, IMasterListener
 from ..session import SessionTable
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameProtocol
-from ..wire.heartbeat import HeartbeatTimer
+from ..wire.heartbeat import HeartbeatTimer, HeartbeatTiming
+from .handshake import Authenticated, JoinInfo, NodeHandshake, Refusal, Welcomed
 from .messages import (
     MASTER_CODEC,
-    MASTER_ROLE,
-    NODE_ROLE,
-    PROTOCOL_VERSION,
     BindName,
     GetTable,
-    Join,
     LookupName,
-    MasterChallenge,
     MasterHeartbeat,
-    MasterHello,
-    Observe,
     Refused,
     Reply,
     TableReply,
     UnbindName,
     Welcome,
-    transcript,
 )
 from .registry import Event, HarborJoined, HarborLeft, HarborRecord, NameBound, NameUnbound, Table
 
 _BEAT = MASTER_CODEC.encode(MasterHeartbeat())
+NameRefused = Callable[[str, int, str], object]
 
 
 class _QuietFactory(Factory):
     noisy = False  # it reconnects often; the client logs what matters
 
 
-@attrs.frozen
-class JoinInfo:
-    """Who this node is, for every join (``harbor`` 0 asks the master to assign one)."""
+@implementer(IProtocolFactory)
+class _AttemptFactory:
+    """Tells the client which attempt a protocol belongs to while it is built."""
 
-    harbor: int
-    incarnation: int
-    node: str
-    endpoint: str
+    def __init__(self, factory: IProtocolFactory, client: MasterClient, attempt: int) -> None:
+        self._factory = factory
+        self._client = client
+        self._attempt = attempt
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        self._client._building = self._attempt
+        try:
+            return self._factory.buildProtocol(addr)
+        finally:
+            self._client._building = 0
+
+    def doStart(self) -> None:
+        self._factory.doStart()
+
+    def doStop(self) -> None:
+        self._factory.doStop()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._factory, name)
+
+
+@implementer(IStreamClientEndpoint)
+class BoundedEndpoint:
+    """Wraps any client endpoint: each connect fails after ``bound`` seconds on ``clock``."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, clock: IReactorTime, bound: float,
+                 client: MasterClient) -> None:
+        self.endpoint = endpoint
+        self.clock = clock
+        self.bound = bound
+        self._client = client
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        attempt = self._client._new_attempt()
+        connecting: Deferred[IProtocol] = self.endpoint.connect(
+            _AttemptFactory(factory, self._client, attempt))
+        return connecting.addTimeout(self.bound, self.clock)
 
 
 class MasterClientProtocol(FrameProtocol):
-    """One connection to the master: handshake, join, then events and replies."""
+    """One connection to the master: the handshake, then events and replies."""
 
     def __init__(self, client: MasterClient) -> None:
         super().__init__(client.max_frame, max_frame_before_auth=4096)
         self.client = client
-        self.state = "challenge"
-        self.nonce = new_nonce()
-        self.welcomed = False
-        self._heartbeat = HeartbeatTimer(client.clock, client.heartbeat_interval,
-                                         client.heartbeat_timeout, self._beat, self._silent)
+        #: which connection attempt built this protocol (0: made by hand)
+        self.attempt = client._building
+        self.handshake = NodeHandshake(client.secret, client.timing, client.join,
+                                       client.names_for_join)
+        timing = client.timing
+        self._heartbeat = HeartbeatTimer(client.clock, timing.interval, timing.timeout,
+                                         self._beat, self._silent)
+        self._deadline: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        if not self.client._attempt_alive(self.attempt):
+            self.drop("connected after the attempt was given up", quiet=True)
+            return
         self._heartbeat.start()
-        self.send(MasterHello(PROTOCOL_VERSION, self.nonce))
+        self._deadline = self.client.clock.callLater(
+            self.client.attempt_left(self.attempt), self._late)
+        self.client._feed(self.client._machine.connected, self)
+        self.send(self.handshake.start())
 
     def send(self, message: object) -> None:
         self.send_frame(MASTER_CODEC.encode(message))
 
+    def dataReceived(self, data: bytes) -> None:
+        self._heartbeat.heard()  # every byte is a sign of life, not just whole frames
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
     def frame_received(self, frame: bytes) -> None:
-        self._heartbeat.heard()
         message = MASTER_CODEC.decode(frame)
         if isinstance(message, MasterHeartbeat):
             return
-        if isinstance(message, Refused):
-            self.client._refused(self, message.reason)
-            return
-        if self.state == "challenge":
-            if not isinstance(message, MasterChallenge):
-                raise ProtocolError(f"expected MasterChallenge, got {type(message).__name__}")
-            if message.version != PROTOCOL_VERSION:
-                self.client._refused(self, f"the master speaks protocol {message.version}, "
-                                           f"this node {PROTOCOL_VERSION}")
-                return
-            text = transcript(PROTOCOL_VERSION, self.nonce, message.nonce)
-            if not verify(self.client.secret, MASTER_ROLE, text, message.proof):
-                self.client._refused(self, "authentication failed: the master does not know "
-                                           "our cluster secret")
-                return
-            proof = prove(self.client.secret, NODE_ROLE, text)
-            self.authenticated()  # the master proved the secret: its table may be large
-            if self.client.join is None:
-                self.send(Observe(proof))
-                self.state = "up"
-                self.client._observing(self)
-            else:
-                info = self.client.join
-                self.send(Join(proof, info.harbor, info.incarnation, info.node, info.endpoint,
-                               self.client.names_to_assert()))
-                self.state = "welcome"
-        elif self.state == "welcome":
-            if not isinstance(message, Welcome):
-                raise ProtocolError(f"expected Welcome, got {type(message).__name__}")
-            self.state = "up"
-            self.client._welcomed(self, message)
+        client = self.client
+        if not self.handshake.done or isinstance(message, Refused):
+            step = self.handshake.receive(message)
+            for reply in step.send:
+                self.send(reply)
+            outcome = step.outcome
+            if isinstance(outcome, Refusal):
+                self._stop_deadline()
+                client._from(self, client._machine.refused, outcome.reason)
+                if self.transport is not None:
+                    self.transport.loseConnection()
+            elif isinstance(outcome, Authenticated):
+                self._stop_deadline()
+                self.authenticated()  # the master proved the secret: its table may be large
+                self._heartbeat.retime(outcome.timing)
+                if outcome.observing:
+                    client._from(self, client._machine.observing)
+                else:
+                    client._from(self, client._machine.proven)
+            elif isinstance(outcome, Welcomed):
+                client._from(self, client._machine.welcomed, outcome.welcome)
         elif isinstance(message, Reply | TableReply):
-            self.client._reply(message)
+            client._requests.resolve(message.request, message)
         elif isinstance(message, HarborJoined | HarborLeft | NameBound | NameUnbound):
-            self.client._event(self, message)
+            client._from(self, client._machine.event, message)
         else:
             raise ProtocolError(f"unexpected {type(message).__name__} from the master")
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _late(self) -> None:
+        self._deadline = None
+        if self.drop_reason is None and self.transport is not None:
+            self.drop(f"no handshake with the master within "
+                      f"{self.client.connect_timeout:g} s")
 
     def _beat(self) -> None:
         self.send_frame(_BEAT)
 
     def _silent(self, quiet: float) -> None:
-        self.drop(f"the master is silent for {quiet:.1f} s")
+        if self.transport is not None and self.drop_reason is None:
+            self.drop(f"the master is silent for {quiet:.1f} s")
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         self._heartbeat.stop()
-        self.client._lost(self, self.drop_reason or reason.getErrorMessage())
+        self._stop_deadline()
+        client = self.client
+        client._from(self, client._machine.lost, self.drop_reason or reason.getErrorMessage())
+
+
+class _ClientInputs(Protocol):
+    """What can happen to a master client."""
+
+    def start(self) -> None:
+        """Start connecting (and keep connected)."""
+
+    def stop(self) -> None:
+        """Stop for good (the node is stopping)."""
+
+    def connected(self, protocol: MasterClientProtocol) -> None:
+        """A connection is made; its handshake begins."""
+
+    def proven(self) -> None:
+        """The master proved the secret; our Join is on its way."""
+
+    def observing(self) -> None:
+        """The master proved the secret; we only read (no Join)."""
+
+    def welcomed(self, welcome: Welcome) -> None:
+        """The master admitted this node."""
+
+    def event(self, event: Event) -> None:
+        """A pushed change."""
+
+    def gap(self) -> None:
+        """Events were missed: the table is being fetched."""
+
+    def resynced(self, table: Table) -> None:
+        """The fetched table arrived."""
+
+    def resync_failed(self) -> None:
+        """The fetch failed (the connection went)."""
+
+    def refused(self, reason: str) -> None:
+        """The master refused this node (or we refused the master): stop for good."""
+
+    def lost(self, reason: str) -> None:
+        """The current connection is gone."""
 
 
 @implementer(IMasterClient)
@@ -158,11 +252,11 @@ class MasterClient:
     def __init__(
         self,
         reactor: Any,
-        endpoint: str,
+        endpoint: str | IStreamClientEndpoint,
         secret: bytes,
         listener: IMasterListener,
         join: JoinInfo | None = None,
-        names_to_assert: Callable[[], dict[str, int]] = dict,
+        names_to_assert: Callable[[], Mapping[str, int]] = dict,
         request_timeout: float = 5.0,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 3.0,
@@ -170,75 +264,115 @@ class MasterClient:
         retry_max: float = 1.0,
         max_frame: int = DEFAULT_MAX_FRAME,
         rng: random.Random | None = None,
+        connect_timeout: float | None = None,
+        on_name_refused: NameRefused | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
-        self.endpoint_description = endpoint
-        try:
-            self.endpoint = clientFromString(reactor, endpoint)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigurationError(f"bad master endpoint {endpoint!r}: {e}") from None
+        if isinstance(endpoint, str):
+            self.endpoint_description = endpoint
+            try:
+                inner = clientFromString(reactor, endpoint)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigurationError(f"bad master endpoint {endpoint!r}: {e}") from None
+        else:
+            self.endpoint_description = type(endpoint).__name__
+            inner = endpoint
         self.secret = secret
         self.listener = listener
         self.join = join
+        #: the global names the node holds now (granted or only claimed)
         self.names_to_assert = names_to_assert
+        self.on_name_refused = on_name_refused
         self.request_timeout = request_timeout
+        #: each attempt (connect and handshake) must be done within this many seconds
+        self.connect_timeout = request_timeout if connect_timeout is None else connect_timeout
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
+        self.timing = HeartbeatTiming(heartbeat_interval, heartbeat_timeout)
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
         self.max_frame = max_frame
-        rng = rng or random.Random()
+        self.rng = rng or random.Random()
+        self.endpoint = BoundedEndpoint(inner, reactor, self.connect_timeout, self)
         self._service = ClientService(
             self.endpoint, _QuietFactory.forProtocol(lambda: MasterClientProtocol(self)),
-            retryPolicy=backoffPolicy(retry_initial, retry_max, 2.0,
-                                      jitter=lambda: rng.uniform(0, retry_initial)),
-            clock=reactor,
-        )
+            retryPolicy=self.retry_delay, clock=reactor)
         self._requests = SessionTable(reactor, request_timeout)
         self._ready: list[Deferred[MasterClientProtocol]] = []
-        self.protocol: MasterClientProtocol | None = None
+        #: the connection being handshaken or joined (None between connections)
+        self.current: MasterClientProtocol | None = None
+        self.state = "idle"
         self.harbor = join.harbor if join is not None else 0
         self.sequence = 0
         self.harbors: dict[int, HarborRecord] = {}
         self.names: dict[str, int] = {}
         self.welcomes = 0
         self.refusal: str | None = None
-        self._resyncing = False
+        #: names with a BindName of ours in flight
+        self._binding: set[str] = set()
+        self._attempts = 0
+        self._attempt_started: dict[int, float] = {}
+        self._building = 0
+        self._machine = ClientMachine(self)
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self._service.startService()
+        self._feed(self._machine.start)
 
     def stop(self) -> Deferred[None]:
-        self._fail_waiters(MasterUnavailable("the master client is stopping"))
-        self._requests.fail_all(MasterUnavailable("the master client is stopping"))
+        self._feed(self._machine.stop)
         stopped: Deferred[None] = self._service.stopService()
         return stopped
 
     @property
     def connected(self) -> bool:
-        return self.protocol is not None
+        """Joined (or observing) on a live connection."""
+        return self.state in ("up", "resyncing")
+
+    @property
+    def protocol(self) -> MasterClientProtocol | None:
+        """The joined connection, if any."""
+        return self.current if self.connected else None
+
+    def retry_delay(self, attempt: int) -> float:
+        """The wait before the next attempt: doubling from ``retry_initial``, capped at
+        ``retry_max``, then 50 to 100 % of that at random."""
+        delay = min(self.retry_max, self.retry_initial * 2.0 ** min(attempt, 30))
+        return delay * self.rng.uniform(0.5, 1.0)
 
     # --- IMasterClient -----------------------------------------------------------------
 
-    def register_name(self, name: str, handle: int) -> Deferred[None]:
-        return self._request(lambda request: BindName(request, name, handle)).addCallback(
+    def register_name(self, name: str, handle: int,
+                      timeout: float | None = None) -> Deferred[None]:
+        """Fires once the master granted ``name``; NameConflict if someone else holds it,
+        MasterUnavailable if no master answered within ``timeout`` (default: request
+        timeout, covering the wait for a connection too)."""
+        self._binding.add(name)
+
+        def done(result: object) -> object:
+            self._binding.discard(name)
+            return result
+
+        return self._request(lambda request: BindName(request, name, handle),
+                             timeout).addBoth(done).addCallback(lambda reply: None)
+
+    def unregister_name(self, name: str, timeout: float | None = None) -> Deferred[None]:
+        return self._request(lambda request: UnbindName(request, name), timeout).addCallback(
             lambda reply: None)
 
-    def unregister_name(self, name: str) -> Deferred[None]:
-        return self._request(lambda request: UnbindName(request, name)).addCallback(
-            lambda reply: None)
-
-    def lookup_name(self, name: str) -> Deferred[int | None]:
-        """The cached handle, else the master's answer (None if nobody holds the name)."""
+    def lookup_name(self, name: str, timeout: float | None = None) -> Deferred[int | None]:
+        """The cached handle, else the master's answer (None if nobody holds the name),
+        within ``timeout`` in all (default: the request timeout)."""
         cached = self.names.get(name)
         if cached is not None:
             return succeed(cached)
-        return self._request(lambda request: LookupName(request, name)).addCallback(
+        return self._request(lambda request: LookupName(request, name), timeout).addCallback(
             lambda reply: reply.handle or None)
 
-    def get_table(self) -> Deferred[Table]:
-        return self._request(lambda request: GetTable(request)).addCallback(
+    def get_table(self, timeout: float | None = None) -> Deferred[Table]:
+        return self._request(lambda request: GetTable(request), timeout).addCallback(
             lambda reply: reply.table)
 
     def table(self) -> Table:
@@ -246,20 +380,33 @@ class MasterClient:
         return Table(self.sequence, tuple(self.harbors[h] for h in sorted(self.harbors)),
                      dict(self.names))
 
+    def granted(self) -> dict[str, int]:
+        """The names the master's table (as we know it) gives to handles on our harbor."""
+        harbor = self.harbor
+        return {name: handle for name, handle in self.names.items()
+                if harbor and handle >> 24 == harbor}
+
+    def names_for_join(self) -> dict[str, int]:
+        """What a Join re-asserts: names we hold that a master granted us."""
+        granted = self.granted()
+        return {name: handle for name, handle in self.names_to_assert().items()
+                if granted.get(name) == handle}
+
     # --- requests ----------------------------------------------------------------------
 
     def when_up(self, timeout: float | None = None) -> Deferred[MasterClientProtocol]:
         """The joined connection, waiting at most ``timeout`` (default: request timeout)."""
-        if self.protocol is not None:
-            return succeed(self.protocol)
+        protocol = self.protocol
+        if protocol is not None:
+            return succeed(protocol)
         waiter: Deferred[MasterClientProtocol] = Deferred()
         self._ready.append(waiter)
         bound = self.request_timeout if timeout is None else timeout
 
         def unavailable(failure: Failure) -> Failure:
+            if waiter in self._ready:
+                self._ready.remove(waiter)
             if failure.check(TimeoutError):
-                if waiter in self._ready:
-                    self._ready.remove(waiter)
                 why = f": {self.refusal}" if self.refusal else ""
                 return Failure(MasterUnavailable(
                     f"no master at {self.endpoint_description} within {bound:g} s{why}"))
@@ -267,13 +414,21 @@ class MasterClient:
 
         return waiter.addTimeout(bound, self.clock).addErrback(unavailable)
 
-    def _request(self, make: Callable[[int], object]) -> Deferred[Any]:
+    def _request(self, make: Callable[[int], object], timeout: float | None) -> Deferred[Any]:
+        """One request with one deadline, covering the wait for a connection and the reply."""
+        budget = self.request_timeout if timeout is None else timeout
+        deadline = self.clock.seconds() + budget
+
         def send(protocol: MasterClientProtocol) -> Deferred[Any]:
-            request, reply = self._requests.new()
+            left = deadline - self.clock.seconds()
+            if left <= 0:
+                raise MasterUnavailable(
+                    f"no master at {self.endpoint_description} within {budget:g} s")
+            request, reply = self._requests.new(left)
             protocol.send(make(request))
             return reply
 
-        return self.when_up().addCallback(send).addCallback(self._check_reply)
+        return self.when_up(budget).addCallback(send).addCallback(self._check_reply)
 
     @staticmethod
     def _check_reply(reply: Reply | TableReply) -> Reply | TableReply:
@@ -281,45 +436,102 @@ class MasterClient:
             raise NameConflict(reply.error)
         return reply
 
-    # --- from the protocol -------------------------------------------------------------
+    # --- attempts ----------------------------------------------------------------------
 
-    def _welcomed(self, protocol: MasterClientProtocol, welcome: Welcome) -> None:
+    def _new_attempt(self) -> int:
+        self._attempts += 1
+        self._attempt_started = {self._attempts: self.clock.seconds()}
+        return self._attempts
+
+    def _attempt_alive(self, attempt: int) -> bool:
+        """False for a protocol whose attempt timed out (its endpoint could not cancel)."""
+        if attempt == 0 or attempt not in self._attempt_started:
+            return attempt == 0
+        return self.attempt_left(attempt) > 0
+
+    def attempt_left(self, attempt: int) -> float:
+        """What is left of an attempt's time (connect and handshake share one bound)."""
+        started = self._attempt_started.get(attempt)
+        if started is None:
+            return self.connect_timeout
+        return started + self.connect_timeout - self.clock.seconds()
+
+    # --- events into the machine -------------------------------------------------------
+
+    def _from(self, protocol: MasterClientProtocol, event: Callable[..., None],
+              *args: object) -> None:
+        """An event from a connection: only the current one counts."""
+        if protocol is self.current:
+            self._feed(event, *args)
+
+    def _feed(self, event: Callable[..., None], *args: object) -> None:
+        """One event; an exception in it is logged and drops the current connection."""
+        try:
+            event(*args)
+        except Exception:
+            self.log.failure("the master client failed on an event; dropping the connection")
+            current = self.current
+            if current is not None and current.transport is not None and \
+                    current.drop_reason is None:
+                current.drop("internal error in the master client")
+
+    # --- what the machine's behaviours do ----------------------------------------------
+
+    def _welcome(self, welcome: Welcome) -> None:
         first = self.welcomes == 0
         self.welcomes += 1
         self.harbor = welcome.harbor
         if self.join is not None and self.join.harbor != welcome.harbor:
-            self.join = attrs.evolve(self.join, harbor=welcome.harbor)  # keep it on rejoin
-        self._resyncing = False
+            self.join = JoinInfo(welcome.harbor, self.join.incarnation, self.join.node,
+                                 self.join.endpoint)  # keep it on every re-join
         self._replace(welcome.table)
+        held = self.names_to_assert()
         for name in welcome.refused_names:
             self.log.warn("the master refused name {name}: another node holds it", name=name)
+            if name in held:
+                self._name_refused(name, held[name], "another node holds it")
         self.log.info("joined the master at {master} as harbor {harbor} (table {sequence})",
                       master=self.endpoint_description, harbor=welcome.harbor,
                       sequence=welcome.table.sequence)
-        self._up(protocol)
+        self._up()
         self.listener.master_table(welcome.table, first)
+        self._claim()
 
-    def _observing(self, protocol: MasterClientProtocol) -> None:
-        self._up(protocol)
+    def _claim(self) -> None:
+        """Ask for the names we hold that no master granted yet (claimed before joining)."""
+        granted = self.granted()
+        for name, handle in sorted(self.names_to_assert().items()):
+            if granted.get(name) == handle or name in self._binding:
+                continue
+            self.register_name(name, handle).addErrback(self._claim_failed, name, handle)
 
-    def _up(self, protocol: MasterClientProtocol) -> None:
-        self.protocol = protocol
+    def _claim_failed(self, failure: Failure, name: str, handle: int) -> None:
+        if failure.check(NameConflict):
+            self.log.warn("the master refused name {name}: {why}", name=name,
+                          why=failure.getErrorMessage())
+            self._name_refused(name, handle, failure.getErrorMessage())
+        # otherwise the connection went: the next welcome claims it again
+
+    def _name_refused(self, name: str, handle: int, why: str) -> None:
+        if self.on_name_refused is not None:
+            self.on_name_refused(name, handle, why)
+
+    def _up(self) -> None:
         self.refusal = None
         waiters, self._ready = self._ready, []
+        protocol = self.current
+        assert protocol is not None
         for waiter in waiters:
             waiter.callback(protocol)
 
-    def _event(self, protocol: MasterClientProtocol, event: Event) -> None:
-        if event.sequence <= self.sequence or self._resyncing:
-            # Already in our table, or in the one we asked for: the master answers on this
-            # same connection, so its reply covers every event pushed before it.
-            return
+    def _apply(self, event: Event) -> bool:
+        """Apply one pushed event; False if it shows a gap (the caller fetches the table)."""
+        if event.sequence <= self.sequence:
+            return True  # already in our table
         if event.sequence != self.sequence + 1:
             self.log.info("missed events {first}..{last}: fetching the table",
                           first=self.sequence + 1, last=event.sequence - 1)
-            self._resyncing = True
-            self.get_table().addCallbacks(self._resync, self._resync_failed)
-            return
+            return False
         self.sequence = event.sequence
         if isinstance(event, HarborJoined):
             self.harbors[event.record.harbor] = event.record
@@ -332,12 +544,16 @@ class MasterClient:
         elif self.names.get(event.name) == event.handle:
             del self.names[event.name]
         self.listener.master_event(event)
+        return True
 
-    def _resync_failed(self, failure: Failure) -> None:
-        self._resyncing = False  # the connection went; the next welcome brings the table
+    def _fetch_table(self) -> None:
+        # The master answers on this same connection, so its reply covers every event
+        # pushed before it: events meanwhile are ignored.
+        self.get_table().addCallbacks(
+            lambda table: self._feed(self._machine.resynced, table),
+            lambda failure: self._feed(self._machine.resync_failed))
 
-    def _resync(self, table: Table) -> None:
-        self._resyncing = False
+    def _resynced(self, table: Table) -> None:
         if table.sequence > self.sequence:
             self._replace(table)
             self.listener.master_table(table, False)
@@ -347,34 +563,172 @@ class MasterClient:
         self.harbors = {record.harbor: record for record in table.harbors}
         self.names = dict(table.names)
 
-    def _reply(self, reply: Reply | TableReply) -> None:
-        self._requests.resolve(reply.request, reply)
-
-    def _refused(self, protocol: MasterClientProtocol, reason: str) -> None:
+    def _refused(self, reason: str) -> None:
         self.refusal = reason
         self.log.error("the master at {master} refused this node: {reason}",
                        master=self.endpoint_description, reason=reason)
         self._service.stopService()
-        error = JoinRefused(reason)
-        self._fail_waiters(error)
+        self._fail_waiters(JoinRefused(reason))
         self.listener.master_refused(reason)
-        if protocol.transport is not None:
-            protocol.transport.loseConnection()
 
-    def _lost(self, protocol: MasterClientProtocol, reason: str) -> None:
-        if self.protocol is not protocol:
-            return
-        self.protocol = None
+    def _went_down(self, reason: str) -> None:
         self._requests.fail_all(MasterUnavailable(f"connection to the master lost: {reason}"))
         if self._service.running:
             self.log.info("lost the master at {master}: {reason}; reconnecting",
                           master=self.endpoint_description, reason=reason)
         self.listener.master_lost(reason)
 
+    def _stopping(self) -> None:
+        self._fail_waiters(MasterUnavailable("the master client is stopping"))
+        self._requests.fail_all(MasterUnavailable("the master client is stopping"))
+
     def _fail_waiters(self, error: Exception) -> None:
         waiters, self._ready = self._ready, []
         for waiter in waiters:
-            waiter.errback(error)
+            if not waiter.called:
+                waiter.errback(error)
 
 
-__all__ = ["AuthenticationFailed", "JoinInfo", "MasterClient", "MasterClientProtocol"]
+def _build_client_machine() -> Callable[[MasterClient], _ClientInputs]:
+    machine = TypeMachineBuilder(_ClientInputs, MasterClient)
+    idle = machine.state("idle")
+    connecting = machine.state("connecting")
+    handshaking = machine.state("handshaking")
+    joining = machine.state("joining")
+    up = machine.state("up")
+    resyncing = machine.state("resyncing")
+    refused = machine.state("refused")
+    stopped = machine.state("stopped")
+    live = (connecting, handshaking, joining, up, resyncing)
+    every = (idle, *live, refused, stopped)
+    I = _ClientInputs  # noqa: E741, N806
+
+    @idle.upon(I.start).to(connecting)
+    @stopped.upon(I.start).to(connecting)
+    def start(c: _ClientInputs, s: MasterClient) -> None:
+        s.state = "connecting"
+        s._service.startService()
+
+    @idle.upon(I.stop).to(stopped)
+    @connecting.upon(I.stop).to(stopped)
+    @handshaking.upon(I.stop).to(stopped)
+    @joining.upon(I.stop).to(stopped)
+    @up.upon(I.stop).to(stopped)
+    @resyncing.upon(I.stop).to(stopped)
+    def stop(c: _ClientInputs, s: MasterClient) -> None:
+        s.state = "stopped"
+        s._stopping()
+
+    @idle.upon(I.connected).to(handshaking)
+    @connecting.upon(I.connected).to(handshaking)
+    def connected(c: _ClientInputs, s: MasterClient, protocol: MasterClientProtocol) -> None:
+        s.state = "handshaking"
+        s.current = protocol
+
+    @handshaking.upon(I.connected).loop()
+    @joining.upon(I.connected).to(handshaking)
+    @up.upon(I.connected).to(handshaking)
+    @resyncing.upon(I.connected).to(handshaking)
+    def replaced(c: _ClientInputs, s: MasterClient, protocol: MasterClientProtocol) -> None:
+        old, s.current = s.current, protocol
+        was_up = s.state in ("up", "resyncing")
+        s.state = "handshaking"
+        if old is not None and old is not protocol and old.transport is not None:
+            old.drop("replaced by a newer connection to the master")
+        if was_up:
+            s._went_down("replaced by a newer connection")
+
+    @refused.upon(I.connected).loop()
+    @stopped.upon(I.connected).loop()
+    def unwanted(c: _ClientInputs, s: MasterClient, protocol: MasterClientProtocol) -> None:
+        if protocol.transport is not None:
+            protocol.transport.loseConnection()
+
+    @handshaking.upon(I.proven).to(joining)
+    def proven(c: _ClientInputs, s: MasterClient) -> None:
+        s.state = "joining"
+
+    @handshaking.upon(I.observing).to(up)
+    def observing(c: _ClientInputs, s: MasterClient) -> None:
+        s.state = "up"
+        s._up()
+
+    @handshaking.upon(I.welcomed).to(up)
+    @joining.upon(I.welcomed).to(up)
+    def welcomed(c: _ClientInputs, s: MasterClient, welcome: Welcome) -> None:
+        s.state = "up"
+        s._welcome(welcome)
+
+    @up.upon(I.event).loop()
+    def event(c: _ClientInputs, s: MasterClient, event: Event) -> None:
+        if not s._apply(event):
+            c.gap()
+
+    @up.upon(I.gap).to(resyncing)
+    def gap(c: _ClientInputs, s: MasterClient) -> None:
+        s.state = "resyncing"
+        s._fetch_table()
+
+    @resyncing.upon(I.resynced).to(up)
+    def resynced(c: _ClientInputs, s: MasterClient, table: Table) -> None:
+        s.state = "up"
+        s._resynced(table)
+
+    @resyncing.upon(I.resync_failed).to(up)
+    def resync_failed(c: _ClientInputs, s: MasterClient) -> None:
+        s.state = "up"  # the connection went: the next welcome brings the table
+
+    for state in (idle, *live):
+        state.upon(I.refused).to(refused)(_refused)
+
+    @handshaking.upon(I.lost).to(connecting)
+    @joining.upon(I.lost).to(connecting)
+    def lost_joining(c: _ClientInputs, s: MasterClient, reason: str) -> None:
+        s.state = "connecting"
+        s.current = None
+
+    @up.upon(I.lost).to(connecting)
+    @resyncing.upon(I.lost).to(connecting)
+    def lost_up(c: _ClientInputs, s: MasterClient, reason: str) -> None:
+        s.state = "connecting"
+        s.current = None
+        s._went_down(reason)
+
+    @refused.upon(I.lost).loop()
+    @stopped.upon(I.lost).loop()
+    def lost_after(c: _ClientInputs, s: MasterClient, reason: str) -> None:
+        s.current = None
+
+    ignored: dict[Callable[..., None], tuple[object, ...]] = {
+        I.start: (connecting, handshaking, joining, up, resyncing, refused),
+        I.stop: (refused, stopped),
+        I.proven: (idle, connecting, joining, up, resyncing, refused, stopped),
+        I.observing: (idle, connecting, joining, up, resyncing, refused, stopped),
+        I.welcomed: (idle, connecting, up, resyncing, refused, stopped),
+        I.event: (idle, connecting, handshaking, joining, resyncing, refused, stopped),
+        I.gap: (idle, connecting, handshaking, joining, resyncing, refused, stopped),
+        I.resynced: (idle, connecting, handshaking, joining, up, refused, stopped),
+        I.resync_failed: (idle, connecting, handshaking, joining, up, refused, stopped),
+        I.refused: (refused, stopped),
+        I.lost: (idle, connecting),
+    }
+    for input_, states in ignored.items():
+        for state in every:
+            if state in states:
+                state.upon(input_).loop()(_ignore)
+    return machine.build()
+
+
+def _ignore(c: _ClientInputs, s: MasterClient, *args: object) -> None:
+    """An event that cannot apply in this state (a stray table, a late event)."""
+
+
+def _refused(c: _ClientInputs, s: MasterClient, reason: str) -> None:
+    s.state = "refused"
+    s._refused(reason)
+
+
+ClientMachine = _build_client_machine()
+
+__all__ = ["AuthenticationFailed", "BoundedEndpoint", "JoinInfo", "MasterClient",
+           "MasterClientProtocol"]

@@ -14,7 +14,8 @@ import attrs
 from ..wire.codec import MessageCodec
 from .registry import HarborJoined, HarborLeft, HarborRecord, NameBound, NameUnbound, Table
 
-PROTOCOL_VERSION: Final = 1
+#: 2: the handshake carries each side's heartbeat timing (MasterChallenge, Join, Observe)
+PROTOCOL_VERSION: Final = 2
 MASTER_CODEC = MessageCodec("master")
 NODE_ROLE: Final = b"master-node"
 MASTER_ROLE: Final = b"master-server"
@@ -37,11 +38,13 @@ class MasterHello:
 @MASTER_CODEC.message(2)
 @attrs.frozen
 class MasterChallenge:
-    """Master -> node: its nonce and its proof of the secret."""
+    """Master -> node: its nonce, its proof of the secret, and its heartbeat timing."""
 
     version: int
     nonce: bytes
     proof: bytes
+    heartbeat_interval: float
+    heartbeat_timeout: float
 
 
 @MASTER_CODEC.message(3)
@@ -49,8 +52,9 @@ class MasterChallenge:
 class Join:
     """Node -> master: its proof, then who it is and the global names it holds.
 
-    ``harbor`` 0 asks the master to assign one. ``names`` are the node's global names,
-    re-asserted at every join (so a restarted master gets them back).
+    ``harbor`` 0 asks the master to assign one. ``names`` are the global names a master
+    granted the node, re-asserted at every join (so a restarted master gets them back).
+    The heartbeat fields are the node's own timing; the slower side's governs both.
     """
 
     proof: bytes
@@ -59,6 +63,8 @@ class Join:
     node: str
     endpoint: str
     names: dict[str, int]
+    heartbeat_interval: float
+    heartbeat_timeout: float
 
 
 @MASTER_CODEC.message(4)
@@ -67,6 +73,8 @@ class Observe:
     """Node -> master: its proof, to read the table without joining (``skyproto status``)."""
 
     proof: bytes
+    heartbeat_interval: float
+    heartbeat_timeout: float
 
 
 @MASTER_CODEC.message(5)

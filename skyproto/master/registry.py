@@ -4,7 +4,9 @@ Every change bumps the sequence number and comes back as an event for the protoc
 to push, so a persistent store or one on a consensus system (etcd) can implement
 :class:`~skyproto.interfaces.IRegistry` the same way and the server does not change.
 Rules: a harbor id held by a live node is refused; a dead node's id is free at once; the
-first writer of a name wins; names die with their harbor.
+first writer of a name wins; names die with their harbor. ``--harbor auto`` ids come from
+the top of the range (255 downward), never an id a fixed-id node has used while another
+is free, so auto nodes do not take the ids of fixed nodes that crashed or start later.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class InMemoryRegistry:
         self.sequence = 0
         self._harbors: dict[int, HarborRecord] = {}
         self._names: dict[str, int] = {}
+        #: ids that nodes asked for by number: auto nodes get them only when nothing else is free
+        self._fixed: set[int] = set()
 
     # --- queries -----------------------------------------------------------------------
 
@@ -108,11 +112,13 @@ class InMemoryRegistry:
 
     def join(self, harbor: int, node: str, endpoint: str, incarnation: int,
              names: Mapping[str, int], now: float) -> Joined:
-        """Admit a node (``harbor`` 0: assign the lowest free id) with the names it holds."""
+        """Admit a node (``harbor`` 0: assign a free id) with the names it holds."""
         if harbor == 0:
             harbor = self._free_harbor()
         elif not HARBOR_MIN <= harbor <= HARBOR_MAX:
             raise RegistryRefusal(f"harbor id {harbor} is out of range 1..255")
+        else:
+            self._fixed.add(harbor)
         live = self._harbors.get(harbor)
         if live is not None:
             raise RegistryRefusal(
@@ -168,9 +174,13 @@ class InMemoryRegistry:
         return (NameUnbound(self._next(), name, current),)
 
     def _free_harbor(self) -> int:
-        for harbor in range(HARBOR_MIN, HARBOR_MAX + 1):
-            if harbor not in self._harbors:
+        """The highest free id no fixed-id node has used; else the highest free one."""
+        free = [h for h in range(HARBOR_MAX, HARBOR_MIN - 1, -1) if h not in self._harbors]
+        for harbor in free:
+            if harbor not in self._fixed:
                 return harbor
+        if free:
+            return free[0]
         raise RegistryRefusal("all 255 harbor ids are held by live nodes")
 
     def _next(self) -> int:

@@ -1,224 +1,436 @@
-"""The master's side of the name service: a thin adapter over the registry.
+"""The master's side of the name service: per-node sessions over one registry.
 
-Each node connection authenticates (mutual HMAC proof of the cluster secret), joins, and
-then receives every change as it happens. When a node's connection closes or its
-heartbeats stop, its harbor and its names leave the table at once.
+Each connection is a :class:`MasterConnection` (a thin adapter: frames in, frames out) and
+a session state machine (automat): handshaking, waiting, joined, observing, closing,
+closed. The handshake itself is the pure :class:`~skyproto.master.handshake.MasterHandshake`.
+A join may have to wait: ``--harbor auto`` during the start-up grace, and a restarted
+node (same node name, newer incarnation) until its previous incarnation's session drops.
+After a (re)start the master also holds back names nobody holds for the same grace, so
+that returning holders get theirs back first. When a joined connection ends, its harbor
+and its names leave the table at once.
+
+Failures before authentication are counted (:attr:`MasterService.preauth_failures`) and
+logged at debug only: anyone can open connections, and a line each would flood the log.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from collections.abc import Callable
+from typing import Final, Protocol
 
+import attrs
+from automat import TypeMachineBuilder
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..auth import NONCE_SIZE, new_nonce, prove, verify
 from ..errors import ProtocolError, QueueFull
 from ..interfaces import IMasterService, IRegistry
-from ..wire.framing import DEFAULT_MAX_FRAME, FrameProtocol
-from ..wire.heartbeat import HeartbeatTimer
+from ..wire.framing import DEFAULT_MAX_FRAME, FrameProtocol, describe_peer
+from ..wire.heartbeat import HeartbeatTimer, HeartbeatTiming
+from .handshake import (
+    MAX_ENDPOINT,
+    JoinRequest,
+    MasterHandshake,
+    ObserveRequest,
+    Refusal,
+)
 from .messages import (
     MASTER_CODEC,
-    MASTER_ROLE,
-    NODE_ROLE,
-    PROTOCOL_VERSION,
     BindName,
     GetTable,
     Join,
     LookupName,
-    MasterChallenge,
     MasterHeartbeat,
-    MasterHello,
-    Observe,
     Refused,
     Reply,
     TableReply,
     UnbindName,
     Welcome,
-    transcript,
 )
-from .registry import Event, RegistryRefusal
+from .registry import Event, Joined, RegistryRefusal
 
 _BEAT = MASTER_CODEC.encode(MasterHeartbeat())
 #: a Join carries the node's names: room for a few thousand before the proof is checked
-JOIN_MAX_FRAME = 256 * 1024
-#: the longest harbor endpoint the master accepts and pushes to every node
-MAX_ENDPOINT = 1024
+JOIN_MAX_FRAME: Final = 256 * 1024
+#: a restarted node waits this long beyond its old session's heartbeat timeout
+TAKEOVER_MARGIN: Final = 1.0
+
+__all__ = ["JOIN_MAX_FRAME", "MAX_ENDPOINT", "MasterConnection", "MasterService"]
+
+
+class _SessionInputs(Protocol):
+    """What can happen to one session."""
+
+    def message(self, message: object) -> None:
+        """A decoded frame from the peer (heartbeats are filtered out)."""
+
+    def late(self) -> None:
+        """No valid Join or Observe within the handshake timeout."""
+
+    def silent(self, quiet: float) -> None:
+        """The peer sent no byte for the heartbeat timeout."""
+
+    def drop(self, reason: str) -> None:
+        """Abort the connection (a protocol error, a slow reader, an internal error)."""
+
+    def lost(self, reason: str) -> None:
+        """The connection is gone."""
+
+    def admit(self) -> None:
+        """Try to admit the node that asked to join (again, after a wait)."""
+
+    def observe(self) -> None:
+        """The handshake ended as an observer."""
+
+    def wait(self, seconds: float, why: str) -> None:
+        """The join cannot be decided yet: try again in ``seconds`` (or when told)."""
+
+    def welcome(self, joined: Joined) -> None:
+        """The registry admitted the node."""
+
+    def refused(self, reason: str, authenticated: bool) -> None:
+        """Refused has been sent: close after it."""
+
+    def bind(self, request: int, name: str, handle: int) -> None:
+        """A held-back BindName's turn has come."""
+
+
+@attrs.define(eq=False)
+class _Session:
+    """The core of one session: what the machine's behaviours work on."""
+
+    service: MasterService
+    connection: MasterConnection
+    handshake: MasterHandshake
+    state: str = "handshaking"
+    authenticated: bool = False
+    #: the Join being decided (handshaking, waiting)
+    request: Join | None = None
+    harbor: int = 0
+    incarnation: int = 0
+    node: str = ""
+    timing: HeartbeatTiming = attrs.field(factory=HeartbeatTiming)
+    timer: IDelayedCall | None = None
+    #: a restarted node's wait for its previous incarnation ends here (clock seconds)
+    takeover_deadline: float | None = None
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def send(self, message: object) -> None:
+        self.connection.send_frame(MASTER_CODEC.encode(message))
+
+    def abort(self, reason: str) -> None:
+        self.connection.abort(reason, quiet=not self.authenticated)
+        if not self.authenticated:
+            self.service.preauth_failures[_kind(reason)] += 1
+
+
+def _kind(reason: str) -> str:
+    return reason.split(":", 1)[0] if reason.startswith("protocol error") else (
+        "handshake timeout" if reason.startswith("no handshake") else "dropped")
+
+
+def _build_session_machine() -> Callable[[_Session], _SessionInputs]:
+    machine = TypeMachineBuilder(_SessionInputs, _Session)
+    handshaking = machine.state("handshaking")
+    waiting = machine.state("waiting")
+    joined = machine.state("joined")
+    observing = machine.state("observing")
+    closing = machine.state("closing")
+    closed = machine.state("closed")
+    every = (handshaking, waiting, joined, observing, closing, closed)
+
+    # --- handshaking ------------------------------------------------------------------
+
+    @handshaking.upon(_SessionInputs.message).loop()
+    def handshake_message(c: _SessionInputs, s: _Session, message: object) -> None:
+        try:
+            step = s.handshake.receive(message)
+        except ProtocolError as e:
+            c.drop(f"protocol error: {e}")
+            return
+        for reply in step.send:
+            s.send(reply)
+        outcome = step.outcome
+        if isinstance(outcome, Refusal):
+            c.refused(outcome.reason, outcome.authenticated)
+        elif isinstance(outcome, JoinRequest | ObserveRequest):
+            s.cancel_timer()
+            s.authenticated = True
+            s.timing = outcome.timing
+            s.connection.authenticated()
+            s.connection.start_heartbeat(outcome.timing)
+            if isinstance(outcome, ObserveRequest):
+                c.observe()
+            else:
+                s.request = outcome.join
+                c.admit()
+
+    @handshaking.upon(_SessionInputs.observe).to(observing)
+    def observer(c: _SessionInputs, s: _Session) -> None:
+        s.state = "observing"
+
+    @handshaking.upon(_SessionInputs.admit).loop()
+    @waiting.upon(_SessionInputs.admit).loop()
+    def admit(c: _SessionInputs, s: _Session) -> None:
+        s.cancel_timer()
+        s.service.admission(c, s)
+
+    @handshaking.upon(_SessionInputs.wait).to(waiting)
+    @waiting.upon(_SessionInputs.wait).loop()
+    def wait(c: _SessionInputs, s: _Session, seconds: float, why: str) -> None:
+        s.state = "waiting"
+        s.cancel_timer()
+        s.timer = s.service.clock.callLater(max(0.0, seconds), s.connection.feed, c.admit)
+        s.service.log.info("harbor {harbor} ({node}) waits up to {seconds:.1f} s: {why}",
+                           harbor=s.request.harbor if s.request else 0,
+                           node=s.request.node if s.request else "?", seconds=seconds, why=why)
+
+    @handshaking.upon(_SessionInputs.welcome).to(joined)
+    @waiting.upon(_SessionInputs.welcome).to(joined)
+    def welcome(c: _SessionInputs, s: _Session, joined: Joined) -> None:
+        s.state = "joined"
+        s.cancel_timer()
+        assert s.request is not None
+        service = s.service
+        s.harbor, s.incarnation, s.node = joined.harbor, s.request.incarnation, s.request.node
+        service.joined[s.harbor] = s.connection
+        service.log.info(
+            "harbor {harbor} joined: {node} at {endpoint} (incarnation {incarnation})",
+            harbor=s.harbor, node=s.node, endpoint=s.request.endpoint,
+            incarnation=s.incarnation)
+        s.request = None
+        s.send(Welcome(joined.harbor, joined.refused_names, service.registry.snapshot()))
+        service.push(joined.events)
+        service.names_granted()
+
+    @handshaking.upon(_SessionInputs.refused).to(closing)
+    @waiting.upon(_SessionInputs.refused).to(closing)
+    def refused(c: _SessionInputs, s: _Session, reason: str, authenticated: bool) -> None:
+        s.state = "closing"
+        s.cancel_timer()
+        peer = describe_peer(s.connection.transport)
+        if authenticated:
+            s.service.log.warn("refusing {peer}: {reason}", peer=peer, reason=reason)
+        else:
+            s.service.preauth_failures["refused"] += 1
+            s.service.log.debug("refusing {peer}: {reason}", peer=peer, reason=reason)
+        s.connection.close()
+
+    @handshaking.upon(_SessionInputs.late).to(closing)
+    def late(c: _SessionInputs, s: _Session) -> None:
+        s.state = "closing"
+        s.timer = None
+        s.abort(f"no handshake within {s.service.handshake_timeout:g} s")
+
+    # --- after the handshake ----------------------------------------------------------
+
+    @waiting.upon(_SessionInputs.message).loop()
+    def message_while_waiting(c: _SessionInputs, s: _Session, message: object) -> None:
+        c.drop(f"protocol error: unexpected {type(message).__name__} before the welcome")
+
+    @joined.upon(_SessionInputs.message).loop()
+    def joined_message(c: _SessionInputs, s: _Session, message: object) -> None:
+        service = s.service
+        if isinstance(message, BindName):
+            if service.holds_back(message.name):
+                service.hold_back(s.connection, message)
+            else:
+                service.answer_bind(s, message.request, message.name, message.handle)
+        elif isinstance(message, UnbindName):
+            service.answer(s, message.request,
+                           lambda: service.registry.unbind(message.name, s.harbor))
+        elif isinstance(message, LookupName | GetTable):
+            read(c, s, message)
+        else:
+            c.drop(f"protocol error: unexpected {type(message).__name__}")
+
+    @observing.upon(_SessionInputs.message).loop()
+    def observer_message(c: _SessionInputs, s: _Session, message: object) -> None:
+        if isinstance(message, LookupName | GetTable):
+            read(c, s, message)
+        else:
+            c.drop(f"protocol error: unexpected {type(message).__name__}")
+
+    def read(c: _SessionInputs, s: _Session, message: LookupName | GetTable) -> None:
+        registry = s.service.registry
+        if isinstance(message, LookupName):
+            s.send(Reply(message.request, "", registry.lookup(message.name) or 0))
+        else:
+            s.send(TableReply(message.request, registry.snapshot()))
+
+    @joined.upon(_SessionInputs.bind).loop()
+    def bind(c: _SessionInputs, s: _Session, request: int, name: str, handle: int) -> None:
+        s.service.answer_bind(s, request, name, handle)
+
+    # --- the end: every state ---------------------------------------------------------
+
+    @handshaking.upon(_SessionInputs.drop).to(closing)
+    @waiting.upon(_SessionInputs.drop).to(closing)
+    @joined.upon(_SessionInputs.drop).to(closing)
+    @observing.upon(_SessionInputs.drop).to(closing)
+    @closing.upon(_SessionInputs.drop).loop()
+    def drop(c: _SessionInputs, s: _Session, reason: str) -> None:
+        s.state = "closing"
+        s.cancel_timer()
+        if s.connection.drop_reason is None:
+            s.abort(reason)
+
+    @handshaking.upon(_SessionInputs.silent).to(closing)
+    @waiting.upon(_SessionInputs.silent).to(closing)
+    @joined.upon(_SessionInputs.silent).to(closing)
+    @observing.upon(_SessionInputs.silent).to(closing)
+    def silent(c: _SessionInputs, s: _Session, quiet: float) -> None:
+        c.drop(f"harbor {s.harbor or '?'} silent for {quiet:.1f} s")
+
+    for state in (handshaking, waiting, joined, observing, closing):
+        state.upon(_SessionInputs.lost).to(closed)(_lost)
+    closed.upon(_SessionInputs.lost).loop()(_ignore_lost)
+
+    # --- everything else is ignored where it cannot apply -----------------------------
+
+    ignored: dict[Callable[..., None], tuple[object, ...]] = {
+        _SessionInputs.message: (closing, closed),
+        _SessionInputs.late: (waiting, joined, observing, closing, closed),
+        _SessionInputs.silent: (closing, closed),
+        _SessionInputs.drop: (closed,),
+        _SessionInputs.admit: (joined, observing, closing, closed),
+        _SessionInputs.observe: (waiting, joined, observing, closing, closed),
+        _SessionInputs.wait: (joined, observing, closing, closed),
+        _SessionInputs.welcome: (joined, observing, closing, closed),
+        _SessionInputs.refused: (joined, observing, closing, closed),
+        _SessionInputs.bind: (handshaking, waiting, observing, closing, closed),
+    }
+    for event, states in ignored.items():
+        for state in every:
+            if state in states:
+                state.upon(event).loop()(_ignore)
+    return machine.build()
+
+
+def _ignore(c: _SessionInputs, s: _Session, *args: object) -> None:
+    """An event that cannot apply in this state (a late timer, a stray message)."""
+
+
+def _ignore_lost(c: _SessionInputs, s: _Session, reason: str) -> None:
+    pass
+
+
+def _lost(c: _SessionInputs, s: _Session, reason: str) -> None:
+    was = s.state
+    s.state = "closed"
+    s.cancel_timer()
+    service = s.service
+    why = s.connection.drop_reason or reason
+    if s.harbor and service.joined.get(s.harbor) is s.connection:
+        del service.joined[s.harbor]
+        service.forget(s.connection)
+        service.log.info("harbor {harbor} left: {why}", harbor=s.harbor, why=why)
+        service.push(service.registry.leave(s.harbor, s.incarnation, why))
+        service.harbor_left(s.harbor)
+        return
+    service.forget(s.connection)
+    if not s.authenticated and was == "handshaking" and s.connection.drop_reason is None:
+        service.preauth_failures["closed before the handshake"] += 1
+
+
+SessionMachine = _build_session_machine()
 
 
 class MasterConnection(FrameProtocol):
-    """One node (or observer) connected to the master."""
+    """One node (or observer) connected to the master: frames to and from its session."""
 
     def __init__(self, service: MasterService) -> None:
         super().__init__(service.max_frame, max_frame_before_auth=JOIN_MAX_FRAME)
         self.service = service
-        self.state = "hello"
-        self.nonce = new_nonce()
-        self.node_nonce = b""
-        self.harbor = 0
-        self.incarnation = 0
-        self.node = ""
-        self._timer: IDelayedCall | None = None
-        self._heartbeat = HeartbeatTimer(service.clock, service.heartbeat_interval,
-                                         service.heartbeat_timeout, self._beat, self._silent)
+        self.session = _Session(service, self, MasterHandshake(service.secret, service.timing))
+        self.machine = SessionMachine(self.session)
+        timing = service.timing
+        self._heartbeat = HeartbeatTimer(service.clock, timing.interval, timing.timeout,
+                                         self._beat, self._silent)
+
+    @property
+    def state(self) -> str:
+        """The session's state: handshaking, waiting, joined, observing, closing, closed."""
+        return self.session.state
+
+    @property
+    def harbor(self) -> int:
+        return self.session.harbor
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.service.connections.add(self)
-        self._timer = self.service.clock.callLater(self.service.handshake_timeout, self._late)
+        self.session.timer = self.service.clock.callLater(
+            self.service.handshake_timeout, self.feed, self.machine.late)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._heartbeat.heard()  # every byte is a sign of life, not just whole frames
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def frame_received(self, frame: bytes) -> None:
-        self._heartbeat.heard()
         message = MASTER_CODEC.decode(frame)
-        if isinstance(message, MasterHeartbeat):
-            return
-        handler = getattr(self, f"_on_{self.state}")
-        handler(message)
+        if not isinstance(message, MasterHeartbeat):
+            self.feed(self.machine.message, message)
 
-    # --- states ------------------------------------------------------------------------
-
-    def _on_hello(self, message: object) -> None:
-        if not isinstance(message, MasterHello):
-            raise ProtocolError(f"expected MasterHello, got {type(message).__name__}")
-        if message.version != PROTOCOL_VERSION:
-            self._refuse(f"protocol version {message.version} is not supported "
-                         f"(the master speaks {PROTOCOL_VERSION})")
-            return
-        if len(message.nonce) != NONCE_SIZE:
-            raise ProtocolError("bad nonce")
-        self.node_nonce = message.nonce
-        proof = prove(self.service.secret, MASTER_ROLE, self._transcript())
-        self._send(MasterChallenge(PROTOCOL_VERSION, self.nonce, proof))
-        self.state = "proof"
-
-    def _on_proof(self, message: object) -> None:
-        if not isinstance(message, Join | Observe):
-            raise ProtocolError(f"expected Join or Observe, got {type(message).__name__}")
-        if not verify(self.service.secret, NODE_ROLE, self._transcript(), message.proof):
-            self._refuse("authentication failed: wrong cluster secret")
-            return
-        self._handshake_done()
-        self.authenticated()
-        if isinstance(message, Observe):
-            self.state = "observing"
-            return
-        wait = self.service.auto_grace_left() if message.harbor == 0 else 0.0
-        if wait > 0:
-            # Just after a (re)start the table lacks live nodes that have not re-joined yet;
-            # assigning now could hand out one of their ids. Answer once they are back.
-            self.state = "waiting"
-            self._timer = self.service.clock.callLater(wait, self._join, message)
-            return
-        self._join(message)
-
-    def _on_waiting(self, message: object) -> None:
-        raise ProtocolError(f"unexpected {type(message).__name__} before the welcome")
-
-    def _join(self, message: Join) -> None:
-        self._timer = None
-        if self.transport is None or self.state == "closing":
-            return
-        endpoint = message.endpoint
-        if not endpoint or len(endpoint) > MAX_ENDPOINT or not endpoint.isprintable():
-            self._refuse(f"unusable harbor endpoint {endpoint[:80]!r}")
-            return
+    def feed(self, event: Callable[..., None], *args: object) -> None:
+        """Give the session one event; an exception in it is logged and drops the connection."""
         try:
-            joined = self.service.registry.join(
-                message.harbor, message.node, message.endpoint, message.incarnation,
-                message.names, self.service.clock.seconds())
-        except RegistryRefusal as e:
-            self._refuse(str(e))
-            return
-        self.harbor, self.incarnation, self.node = joined.harbor, message.incarnation, message.node
-        self.service.joined[self.harbor] = self
-        self.state = "joined"
-        self.log.info("harbor {harbor} joined: {node} at {endpoint} (incarnation {incarnation})",
-                      harbor=self.harbor, node=message.node, endpoint=message.endpoint,
-                      incarnation=message.incarnation)
-        self._send(Welcome(joined.harbor, joined.refused_names,
-                           self.service.registry.snapshot()))
-        self.service.push(joined.events)
+            event(*args)
+        except Exception:
+            self.log.failure("the master session with {peer} failed; dropping it",
+                             peer=describe_peer(self.transport))
+            if self.transport is not None and self.drop_reason is None:
+                self.abort("internal error in the master session",
+                           quiet=not self.session.authenticated)
 
-    def _on_joined(self, message: object) -> None:
-        registry = self.service.registry
-        if isinstance(message, BindName):
-            self._answer(message.request, lambda: registry.bind(message.name, message.handle,
-                                                                self.harbor))
-        elif isinstance(message, UnbindName):
-            self._answer(message.request, lambda: registry.unbind(message.name, self.harbor))
-        else:
-            self._on_observing(message)
+    def drop(self, reason: str, quiet: bool = False) -> None:
+        """What the framing layer calls on a bad frame: the session decides."""
+        self.feed(self.machine.drop, reason)
 
-    def _on_observing(self, message: object) -> None:
-        if isinstance(message, LookupName):
-            self._send(Reply(message.request, "",
-                             self.service.registry.lookup(message.name) or 0))
-        elif isinstance(message, GetTable):
-            self._send(TableReply(message.request, self.service.registry.snapshot()))
-        else:
-            raise ProtocolError(f"unexpected {type(message).__name__}")
+    def abort(self, reason: str, quiet: bool) -> None:
+        """Abort the connection now, logging why (at debug when ``quiet``)."""
+        super().drop(reason, quiet=quiet)
 
-    def _on_closing(self, message: object) -> None:
-        pass
+    def close(self) -> None:
+        """Close after what has been written (a Refused) is delivered."""
+        if self.transport is not None:
+            self.transport.loseConnection()
 
-    # --- helpers -----------------------------------------------------------------------
-
-    def _answer(self, request: int, change: Any) -> None:
-        try:
-            events = change()
-        except RegistryRefusal as e:
-            self._send(Reply(request, str(e), 0))
-            return
-        self.service.push(events)  # the requester's cache has it before its reply arrives
-        self._send(Reply(request, "", 0))
-
-    def _transcript(self) -> bytes:
-        return transcript(PROTOCOL_VERSION, self.node_nonce, self.nonce)
-
-    def _handshake_done(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+    def start_heartbeat(self, timing: HeartbeatTiming) -> None:
+        self._heartbeat.retime(timing)
         self._heartbeat.start()
-
-    def _send(self, message: object) -> None:
-        self.send_frame(MASTER_CODEC.encode(message))
-
-    def _refuse(self, reason: str) -> None:
-        self.log.warn("refusing {peer}: {reason}", peer=self.transport.getPeer(),  # type: ignore[union-attr]
-                      reason=reason)
-        self._send(Refused(reason))
-        self.state = "closing"
-        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _beat(self) -> None:
         self.send_frame(_BEAT)
 
     def _silent(self, quiet: float) -> None:
-        self.drop(f"harbor {self.harbor or '?'} silent for {quiet:.1f} s")
-
-    def _late(self) -> None:
-        self._timer = None
-        self.drop(f"no handshake within {self.service.handshake_timeout:g} s")
+        self.feed(self.machine.silent, quiet)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
         self._heartbeat.stop()
-        self.service.connections.discard(self)
-        if self.state == "joined" and self.service.joined.get(self.harbor) is self:
-            del self.service.joined[self.harbor]
-            why = self.drop_reason or reason.getErrorMessage()
-            self.log.info("harbor {harbor} left: {why}", harbor=self.harbor, why=why)
-            self.service.push(self.service.registry.leave(self.harbor, self.incarnation, why))
+        self.feed(self.machine.lost, reason.getErrorMessage())
+        self.service.forget(self)  # whatever the session managed to do
+
+
+@attrs.frozen
+class _HeldBind:
+    connection: MasterConnection
+    request: int
+    name: str
+    handle: int
 
 
 @implementer(IMasterService)
 class MasterService(Factory):
-    """The master: one registry, every node connection, and the push of every change."""
+    """The master: one registry, every node session, and the push of every change."""
 
     log = Logger()
     noisy = False
@@ -226,19 +438,26 @@ class MasterService(Factory):
     def __init__(self, registry: IRegistry, clock: IReactorTime, secret: bytes,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 3.0,
                  handshake_timeout: float = 5.0, max_frame: int = DEFAULT_MAX_FRAME,
-                 auto_grace: float = 2.0) -> None:
+                 auto_grace: float = 2.0, name_grace: float | None = None) -> None:
         self.registry = registry
         #: after start, how long ``--harbor auto`` joins wait for live nodes to re-join
         self.auto_grace = auto_grace
+        #: after start, how long a BindName for a name nobody holds waits for its holder
+        self.name_grace = auto_grace if name_grace is None else name_grace
         self.started_at = clock.seconds()
         self.clock = clock
         self.secret = secret
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
+        self.timing = HeartbeatTiming(heartbeat_interval, heartbeat_timeout)
         self.handshake_timeout = handshake_timeout
         self.max_frame = max_frame
         self.connections: set[MasterConnection] = set()
         self.joined: dict[int, MasterConnection] = {}
+        #: failures of connections that never authenticated, by kind (logged at debug)
+        self.preauth_failures: Counter[str] = Counter()
+        self._held: list[_HeldBind] = []
+        self._grace_timer: IDelayedCall | None = None
 
     def buildProtocol(self, addr: object) -> MasterConnection:
         return MasterConnection(self)
@@ -246,8 +465,119 @@ class MasterService(Factory):
     def auto_grace_left(self) -> float:
         return self.started_at + self.auto_grace - self.clock.seconds()
 
+    def name_grace_left(self) -> float:
+        return self.started_at + self.name_grace - self.clock.seconds()
+
     def connected(self) -> int:
         return len(self.joined)
+
+    # --- admission -----------------------------------------------------------------------
+
+    def admission(self, c: _SessionInputs, s: _Session) -> None:
+        """Decide a join now: welcome, wait, or refuse (Refused sent here)."""
+        join = s.request
+        assert join is not None
+        now = self.clock.seconds()
+        if join.harbor == 0 and (left := self.auto_grace_left()) > 0:
+            # Just after a (re)start the table lacks live nodes that have not re-joined yet;
+            # assigning now could hand out one of their ids. Answer once they are back.
+            c.wait(left, "the master's start-up grace before assigning an id")
+            return
+        old = self.joined.get(join.harbor) if join.harbor else None
+        live = old.session if old is not None else None
+        if live is not None and live.node == join.node:
+            if join.incarnation == live.incarnation:
+                # The same process again: its old connection is dead, whatever the master
+                # has noticed. Take it over, without the harbor ever leaving.
+                self._resume(c, s, old, join)
+                return
+            if join.incarnation > live.incarnation:
+                # A restart of the node whose old session the master still holds open.
+                if s.takeover_deadline is None:
+                    s.takeover_deadline = now + live.timing.timeout + TAKEOVER_MARGIN
+                if now < s.takeover_deadline:
+                    c.wait(s.takeover_deadline - now,
+                           f"its previous incarnation {live.incarnation} is still joined")
+                    return
+        try:
+            joined = self.registry.join(join.harbor, join.node, join.endpoint,
+                                        join.incarnation, join.names, now)
+        except RegistryRefusal as e:
+            s.send(Refused(str(e)))
+            c.refused(str(e), True)
+            return
+        c.welcome(joined)
+
+    def _resume(self, c: _SessionInputs, s: _Session, old: MasterConnection | None,
+                join: Join) -> None:
+        assert old is not None
+        del self.joined[join.harbor]  # the old connection's end is not the harbor's end
+        old.drop("replaced by a new connection from the same node")
+        events: list[Event] = []
+        refused = []
+        for name, handle in sorted(join.names.items()):
+            try:
+                events.extend(self.registry.bind(name, handle, join.harbor))
+            except RegistryRefusal:
+                refused.append(name)
+        c.welcome(Joined(join.harbor, tuple(refused), tuple(events)))
+
+    def harbor_left(self, harbor: int) -> None:
+        """A harbor's session ended: a restarted node waiting for it may come in now."""
+        for connection in list(self.connections):
+            request = connection.session.request
+            if connection.state == "waiting" and request is not None and \
+                    request.harbor == harbor:
+                connection.feed(connection.machine.admit)
+
+    def forget(self, connection: MasterConnection) -> None:
+        self.connections.discard(connection)
+        if self._held:
+            self._held = [h for h in self._held if h.connection is not connection]
+        harbor = connection.session.harbor
+        if harbor and self.joined.get(harbor) is connection:
+            del self.joined[harbor]  # the session could not say goodbye itself
+
+    # --- names ---------------------------------------------------------------------------
+
+    def holds_back(self, name: str) -> bool:
+        """During the start-up grace a name nobody holds waits for a returning holder."""
+        return self.name_grace_left() > 0 and self.registry.lookup(name) is None
+
+    def hold_back(self, connection: MasterConnection, message: BindName) -> None:
+        self._held.append(_HeldBind(connection, message.request, message.name, message.handle))
+        if self._grace_timer is None:
+            self._grace_timer = self.clock.callLater(self.name_grace_left(), self._grace_over)
+
+    def names_granted(self) -> None:
+        """A join bound names: held-back requests for names now held are answered now."""
+        now_held = [h for h in self._held if self.registry.lookup(h.name) is not None]
+        if now_held:
+            self._held = [h for h in self._held if h not in now_held]
+            self._release(now_held)
+
+    def _grace_over(self) -> None:
+        self._grace_timer = None
+        held, self._held = self._held, []
+        self._release(held)
+
+    def _release(self, held: list[_HeldBind]) -> None:
+        for item in held:
+            connection = item.connection
+            connection.feed(connection.machine.bind, item.request, item.name, item.handle)
+
+    def answer_bind(self, s: _Session, request: int, name: str, handle: int) -> None:
+        self.answer(s, request, lambda: self.registry.bind(name, handle, s.harbor))
+
+    def answer(self, s: _Session, request: int,
+               change: Callable[[], tuple[Event, ...]]) -> None:
+        try:
+            events = change()
+        except RegistryRefusal as e:
+            s.send(Reply(request, str(e), 0))
+            return
+        self.push(events)  # the requester's cache has it before its reply arrives
+        s.send(Reply(request, "", 0))
 
     def push(self, events: tuple[Event, ...]) -> None:
         """Send each event to every joined node, in order (the originator included)."""
@@ -255,11 +585,11 @@ class MasterService(Factory):
             frame = MASTER_CODEC.encode(event)
             for connection in list(self.joined.values()):
                 try:
-                    connection.send_frame(frame)
+                    connection.send_frame(frame, must=False)
                 except QueueFull as e:
                     # It will reconnect and get the whole table; the others must not wait.
                     connection.drop(f"harbor {connection.harbor} cannot keep up: {e}")
 
     def close_all(self) -> None:
         for connection in list(self.connections):
-            connection.transport.loseConnection()  # type: ignore[union-attr]
+            connection.close()

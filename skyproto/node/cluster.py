@@ -92,12 +92,6 @@ class ClusterMembership:
             if self.names.get(name) != handle:
                 self._publish(NameBound(table.sequence, name, handle))
         self.names = new_names
-        for name, handle in self.node.global_names().items():
-            if table.names.get(name) != handle:
-                # refused at the join: another node held it first, so it is not ours
-                self.log.warn("name {name} is held by {holder}, not by {handle}; dropping it",
-                              name=name, holder=table.names.get(name), handle=handle)
-                del self.node.names[name]
         if first and self.on_joined is not None:
             self.on_joined(self.node.harbor)
 
@@ -147,6 +141,12 @@ class ClusterMembership:
             if handle >> 24 == harbor:
                 del self.names[name]
                 self._publish(NameUnbound(sequence, name, handle))
+
+    def name_refused(self, name: str, handle: int, reason: str) -> None:
+        """The master gave a name this node claimed to another node: it is not ours."""
+        if self.node.names.get(name) == handle:
+            self.log.info("name {name} is not this node's: {reason}", name=name, reason=reason)
+            del self.node.names[name]
 
     def master_refused(self, reason: str) -> None:
         if self.on_refused is not None:

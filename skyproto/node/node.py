@@ -8,7 +8,7 @@ router. Replies find their call by session id in the node's SessionTable.
 from __future__ import annotations
 
 import inspect
-import secrets
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,13 +32,14 @@ from ..errors import (
     RemoteError,
 )
 from ..harbor.link import HarborLinkFactory, LinkConfig
-from ..interfaces import IServiceBehaviour
+from ..interfaces import IHarborLink, IServiceBehaviour
 from ..master.client import JoinInfo, MasterClient
 from ..session import SESSION_MAX, SessionTable
-from ..wire.codec import PayloadType
+from ..wire.codec import PayloadType, encode_cbor, encode_data_frame
 from ..wire.framing import DEFAULT_MAX_FRAME, DEFAULT_MAX_OUTBOUND
 from .cluster import ClusterMembership
-from .mapping import NodeResolver
+from .flow import FlowControl
+from .resolver import NodeResolver
 from .router import Router
 
 _NORMAL = PayloadType.NORMAL
@@ -80,9 +81,10 @@ class Node:
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 3.0,
         max_frame: int = DEFAULT_MAX_FRAME,
-        max_queue: int = 1000,
+        max_queue_bytes: int = 1024 * 1024,
         resolver: NodeResolver | None = None,
         max_outbound: int = DEFAULT_MAX_OUTBOUND,
+        rng: random.Random | None = None,
     ) -> None:
         self.reactor = reactor
         #: 0 until the master assigns one (``--harbor auto``); see :meth:`assign_harbor`
@@ -92,21 +94,25 @@ class Node:
         self.incarnation = incarnation if incarnation is not None else time.time_ns() // 1000
         # Each incarnation starts its session ids at a random point, so that a reply a peer
         # still owes a previous incarnation of this node is unlikely to match a new call.
+        self.rng = rng or random.Random()
         self.sessions = SessionTable(reactor, default_timeout,
-                                     first_id=secrets.randbelow(SESSION_MAX) + 1)
+                                     first_id=self.rng.randrange(SESSION_MAX) + 1)
         self.config = LinkConfig(harbor, self.incarnation, secret, heartbeat_interval,
                                  heartbeat_timeout, max_frame=max_frame,
                                  max_outbound=max_outbound)
+        #: tells feeders (gate clients) to stop reading while a link is congested
+        self.flow = FlowControl()
         self.router = Router(reactor, self.config, self._deliver, self._harbor_lost,
                              self._undeliverable, self._expected_incarnation,
-                             max_queue=max_queue, resolver=resolver)
+                             max_queue_bytes=max_queue_bytes, rng=self.rng, resolver=resolver,
+                             flow=self.flow, pending_to=self.sessions.pending_to)
         self.services: dict[int, IServiceBehaviour] = {}
         #: names this node bound itself: local (``.x``) ones, and global ones it holds
         self.names: dict[str, int] = {}
         self.master: MasterClient | None = None
         self.membership = ClusterMembership(self)
         self._next_local = NODE_LOCAL_ID + 1
-        self._inbox: deque[tuple[int, int, int, int, Any]] = deque()
+        self._inbox: deque[tuple[None, int, int, int, int, Any]] = deque()
         self._draining = False
         self._ports: list[IListeningPort] = []
         self._link_factories: list[HarborLinkFactory] = []
@@ -170,13 +176,17 @@ class Node:
         self.log.info("name {name} stays at the master until its harbor leaves: {why}",
                       name=name, why=failure.getErrorMessage())
 
-    def register_name(self, name: str, handle: int) -> Deferred[None]:
+    def register_name(self, name: str, handle: int,
+                      timeout: float | None = None) -> Deferred[None]:
         """Bind ``name`` to ``handle``; fires when done, fails with NameConflict if taken.
 
         Names starting with ``.`` never leave this node. Other names are global: with a
-        master, the master decides (first writer wins) and every node learns them; the node
-        re-asserts them whenever it joins a (restarted) master. Without a master they are
-        known on this node only.
+        master, the master decides (first writer wins) and every node learns them; this
+        fires only once the master granted the name (while the master is away it waits, at
+        most ``timeout``, default the master client's request timeout, then fails with
+        MasterUnavailable). The node re-asserts granted names whenever it joins a
+        (restarted) master. Without a master they are known on this node only, and asked
+        for when it joins one.
         """
         if not name or any(c.isspace() for c in name):
             return _failed(ConfigurationError(
@@ -194,7 +204,7 @@ class Node:
                 del self.names[name]
             return failure
 
-        return self.master.register_name(name, handle).addErrback(refused)
+        return self.master.register_name(name, handle, timeout).addErrback(refused)
 
     def unregister_name(self, name: str) -> Deferred[None]:
         """Remove a name this node bound (globally too, when it is a global name)."""
@@ -210,9 +220,14 @@ class Node:
         return record.incarnation if record is not None else None
 
     def global_names(self) -> dict[str, int]:
-        """The global names this node holds, re-asserted at every join."""
-        return {name: handle for name, handle in self.names.items()
+        """The global names this node holds that the master granted (all of them without a
+        master): what every join re-asserts."""
+        held = {name: handle for name, handle in self.names.items()
                 if not name.startswith(".") and handle >> 24 == self.harbor}
+        if self.master is None:
+            return held
+        granted = self.master.granted()
+        return {name: handle for name, handle in held.items() if granted.get(name) == handle}
 
     def join_master(self, endpoint: str, node_name: str, harbor_endpoint: str,
                     request_timeout: float = 5.0,
@@ -224,12 +239,18 @@ class Node:
         after the first welcome, ``on_refused(reason)`` if the master refuses the node."""
         self.membership.on_refused = on_refused
         self.membership.on_joined = on_joined
+
+        def held() -> dict[str, int]:  # granted or only claimed: the client sorts them out
+            return {name: handle for name, handle in self.names.items()
+                    if not name.startswith(".") and handle >> 24 == self.harbor}
+
         self.master = MasterClient(
             self.reactor, endpoint, self.config.secret, self.membership,
             JoinInfo(self.harbor, self.incarnation, node_name, harbor_endpoint),
-            names_to_assert=self.global_names, request_timeout=request_timeout,
+            names_to_assert=held, request_timeout=request_timeout,
             heartbeat_interval=self.config.heartbeat_interval,
-            heartbeat_timeout=self.config.heartbeat_timeout, max_frame=self.config.max_frame)
+            heartbeat_timeout=self.config.heartbeat_timeout, max_frame=self.config.max_frame,
+            on_name_refused=self.membership.name_refused)
         self.master.start()
         return self.master
 
@@ -259,40 +280,66 @@ class Node:
             if self.master is None or not isinstance(destination, str) or destination[:1] == ".":
                 return _failed(e)
             return self._call_after_lookup(destination, payload, timeout, source)
-        session, deferred = self.sessions.new(timeout, harbor_of(handle))
+        harbor = handle >> 24
+        session, deferred = self.sessions.new(timeout, harbor)
         try:
-            self._route(source or self.handle, handle, -session, _NORMAL, payload)
+            self._send_request(source or self.handle, handle, -session, payload)
         except Exception as e:
             self.sessions.fail(session, e)
         return deferred
 
     def _call_after_lookup(self, name: str, payload: Any, timeout: float | None,
                            source: int | None) -> Deferred[Any]:
-        """A name missing from the cache: ask the master (bounded), then call."""
+        """A name missing from the cache: ask the master, then call, within one deadline
+        (``timeout``, else the node's default): the lookup's time comes off the call's."""
+        from ..errors import CallTimeout
+
         assert self.master is not None
+        budget = timeout if timeout is not None else self.sessions.default_timeout
+        started = self.reactor.seconds()
 
         def found(handle: int | None) -> Deferred[Any]:
             if handle is None:
                 raise NoSuchService(f"no service is named {name!r}")
-            return self.call(handle, payload, timeout, source)
+            if not budget:
+                return self.call(handle, payload, timeout, source)
+            left = budget - (self.reactor.seconds() - started)
+            if left <= 0:
+                raise CallTimeout(f"no reply within {budget:g} s (looking {name} up took it)")
+            return self.call(handle, payload, left, source)
 
-        return self.master.lookup_name(name).addCallback(found)
+        return self.master.lookup_name(name, budget or None).addCallback(found)
 
     def send(self, destination: int | str, payload: Any, source: int | None = None) -> None:
         """One-way (session 0). Raises at once if the destination is unknown or down."""
-        self._route(source or self.handle, self.resolve(destination), 0, _NORMAL, payload)
+        self._send_request(source or self.handle, self.resolve(destination), 0, payload)
 
-    def _route(self, source: int, destination: int, session: int, ptype: int,
-               payload: Any, incarnation: int = 0) -> None:
-        if destination >> 24 == self.harbor:
-            if session <= 0 and (destination & 0xFFFFFF) not in self.services:
+    def _send_request(self, source: int, destination: int, session: int, payload: Any) -> None:
+        """A request or one-way message: in-process if local, else encoded now (once: the
+        caller may change its object afterwards) and handed to the router."""
+        harbor = destination >> 24
+        if harbor == self.harbor:
+            if (destination & 0xFFFFFF) not in self.services:
                 raise NoSuchService(f"no service :{destination:08x}")
-            self._inbox.append((source, destination, session, ptype, payload))
-            if not self._draining:
-                self._draining = True
-                self.reactor.callLater(0, self._drain)
+            self._local(source, destination, session, _NORMAL, payload)
         else:
-            self.router.send(source, destination, session, ptype, payload, incarnation)
+            self.router.send_frame(harbor, self._frame(source, destination, session, _NORMAL,
+                                                       payload))
+
+    def _frame(self, source: int, destination: int, session: int, ptype: int,
+               payload: Any) -> bytes:
+        """One data frame, length prefix included; FrameTooLarge if over the limit."""
+        frame = encode_data_frame(source, destination, session, ptype, encode_cbor(payload))
+        if len(frame) - 4 > self.config.max_frame:
+            raise FrameTooLarge(len(frame) - 4, self.config.max_frame)
+        return frame
+
+    def _local(self, source: int, destination: int, session: int, ptype: int,
+               payload: Any) -> None:
+        self._inbox.append((None, source, destination, session, ptype, payload))
+        if not self._draining:
+            self._draining = True
+            self.reactor.callLater(0, self._drain)
 
     def _drain(self) -> None:
         inbox = self._inbox
@@ -306,10 +353,10 @@ class Node:
 
     # --- receiving ---------------------------------------------------------------------
 
-    def _deliver(self, source: int, destination: int, session: int, ptype: int,
-                 payload: Any, incarnation: int = 0) -> None:
-        # ``incarnation``: of the link a remote message came in on (0 for local ones); a
-        # reply goes back only to that incarnation of the caller's node.
+    def _deliver(self, link: IHarborLink | None, source: int, destination: int,
+                 session: int, ptype: int, payload: Any) -> None:
+        # ``link``: the link a remote message came in on (None for local ones); a reply
+        # goes back on it, to the process that asked and no other.
         if session > 0:
             harbor = source >> 24  # a reply only completes a call that went to its harbor
             if ptype == _ERROR:
@@ -322,60 +369,68 @@ class Node:
             error = NoSuchService(f"no service :{destination:08x}")  # may be malformed
             if session:
                 self._reply(destination, source, -session, _ERROR,
-                            ["nosuchservice", "NoSuchService", str(error)], incarnation)
+                            ["nosuchservice", "NoSuchService", str(error)], link)
             else:
-                self.log.info("dropping message to {error}", error=error)
+                self.log.info("dropping message to {error}", error=str(error))
             return
         try:
             result = service.receive(source, -session, payload)
         except Exception as e:
-            self._handler_failed(Failure(e), destination, source, session, incarnation)
+            self._handler_failed(Failure(e), destination, source, session, link)
             return
         if inspect.iscoroutine(result):
             result = Deferred.fromCoroutine(result)
         if isinstance(result, Deferred):
             result.addCallbacks(
                 self._handler_done, self._handler_failed,
-                callbackArgs=(destination, source, session, incarnation),
-                errbackArgs=(destination, source, session, incarnation),
+                callbackArgs=(destination, source, session, link),
+                errbackArgs=(destination, source, session, link),
             )
         elif session:
-            self._reply(destination, source, -session, _NORMAL, result, incarnation)
+            self._reply(destination, source, -session, _NORMAL, result, link)
 
-    def _undeliverable(self, source: int, destination: int, session: int,
+    def _undeliverable(self, link: IHarborLink, source: int, destination: int, session: int,
                        error: Exception) -> None:
         """A message whose payload could not be read: fail it alone, not the link."""
         remote = RemoteError("ProtocolError", f"unreadable payload: {error}")
         if session < 0:
-            self._reply(destination, source, -session, _ERROR, error_payload(remote))
+            self._reply(destination, source, -session, _ERROR, error_payload(remote), link)
         elif session > 0:
             self.sessions.fail(session, remote, source >> 24)
 
     def _handler_done(self, result: Any, me: int, caller: int, session: int,
-                      incarnation: int) -> None:
+                      link: IHarborLink | None) -> None:
         if session:
-            self._reply(me, caller, -session, _NORMAL, result, incarnation)
+            self._reply(me, caller, -session, _NORMAL, result, link)
 
     def _handler_failed(self, failure: Failure, me: int, caller: int, session: int,
-                        incarnation: int = 0) -> None:
+                        link: IHarborLink | None) -> None:
         if session:
             self._reply(me, caller, -session, _ERROR,
-                        error_payload(failure.value or Exception()), incarnation)
+                        error_payload(failure.value or Exception()), link)
         else:
             self.log.failure("service {handle} failed on a one-way message", failure,
                              handle=format_handle(me))
 
     def _reply(self, source: int, destination: int, session: int, ptype: int,
-               payload: Any, incarnation: int = 0) -> None:
+               payload: Any, link: IHarborLink | None) -> None:
+        """Answer a request: in-process for a local caller, else on the link that asked."""
+        if link is None and destination >> 24 == self.harbor:
+            self._local(source, destination, session, ptype, payload)
+            return
         try:
             try:
-                self._route(source, destination, session, ptype, payload, incarnation)
-            except (TypeError, FrameTooLarge) as e:  # a reply CBOR cannot carry, or too large
-                self._route(source, destination, session, _ERROR, error_payload(e),
-                            incarnation)
+                frame = self._frame(source, destination, session, ptype, payload)
+            except (TypeError, ValueError, FrameTooLarge) as e:  # CBOR cannot carry it
+                frame = self._frame(source, destination, session, _ERROR, error_payload(e))
+            if link is None:  # a local request made with a remote ``source``
+                self.router.send_frame(destination >> 24, frame)
+            else:
+                self.router.reply_frame(link, frame)
         except Exception as e:
-            self.log.info("reply to {caller} lost: {error}", caller=f":{destination:08x}",
-                          error=e)
+            # The caller's link is gone, so its calls failed there with HarborDown.
+            self.log.info("reply to {caller} lost: {error}", caller=format_handle(destination),
+                          error=str(e))
 
     def _harbor_lost(self, harbor: int, reason: BaseException) -> None:
         self.membership.link_lost(harbor)
@@ -407,6 +462,17 @@ class Node:
         if harbor == self.harbor:
             raise ConfigurationError(f"harbor {harbor} is this node itself")
         self.router.add_peer(harbor, endpoint)
+
+    def abort(self) -> None:
+        """Stop at once, as a killed process would (for fault tests and ``skyproto.testing``):
+        every connection aborted with no goodbye, every timer and dial cancelled, calls failed."""
+        if self.master is not None:
+            self.master.stop()
+        self.router.abort()
+        ports, self._ports = self._ports, []
+        for port in ports:
+            port.stopListening()
+        self.sessions.fail_all(HarborDown("the node crashed"))
 
     def stop(self) -> Deferred[Any]:
         """Stop listening, close every link, fail every pending call."""

@@ -1,61 +1,51 @@
 """The router: one harbor link per peer, chosen by the top 8 bits of a destination.
 
-It dials the peers it knows (static ``--peer`` entries now, the master's table later),
-keeps one live link per harbor, queues messages (bounded) while a first link comes up,
-fails them at once while a harbor is down, and redials with jittered exponential backoff.
+Each peer's life is a :class:`~skyproto.node.peer.Peer` machine (dial, handshake, up,
+backoff, removed); the router feeds it events, dials for it, and decides which link a harbor
+keeps when two come up. Data goes both ways through here: out with :meth:`Router.send_frame`
+(frames encoded once, by the caller), in through :meth:`Router.data_received` to the node,
+with the link it arrived on, so a reply goes back on the link that asked.
+
+Flow control: when a link's outbound queue passes its mark, feeders are held (gate clients
+via :class:`~skyproto.node.flow.FlowControl`), and the link itself stops being read while
+nothing we wait for comes over it (it only brings requests whose replies pile up there).
 """
 
 from __future__ import annotations
 
 import random
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..errors import ConfigurationError, FrameTooLarge, HarborDown, QueueFull
+from ..endpoints import is_node_name
+from ..errors import ConfigurationError, HarborDown
 from ..harbor.link import HarborLink, HarborLinkFactory, LinkConfig
 from ..interfaces import IHarborLink, IMessageSink
-from ..wire.codec import DATA_HEADER, encode_cbor
-from .mapping import NodeResolver, is_node_name
+from .flow import FlowControl
+from .peer import Peer, PeerCore
+from .resolver import NodeResolver
 
-Message = tuple[int, int, int, int, Any]  # source, destination, session, type, payload
-Deliver = Callable[[int, int, int, int, Any, int], None]
+#: (link it came on, source, destination, session, type, payload)
+Deliver = Callable[[IHarborLink, int, int, int, int, Any], None]
 HarborLost = Callable[[int, BaseException], None]
-Undeliverable = Callable[[int, int, int, Exception], None]
+Undeliverable = Callable[[IHarborLink, int, int, int, Exception], None]
+#: how many calls this node waits on from a harbor
+PendingTo = Callable[[int], int]
 
-
-@attrs.define
-class Peer:
-    """What the router knows of one other harbor."""
-
-    harbor: int
-    endpoint: str | None = None
-    link: IHarborLink | None = None
-    dialing: bool = False
-    queue: deque[Message] = attrs.field(factory=deque)
-    retry: IDelayedCall | None = None
-    backoff: float = 0.0
-    #: why the harbor is down, told to every caller until it is up again
-    last_error: str = ""
-
-    @property
-    def state(self) -> str:
-        if self.link is not None:
-            return "up"
-        return "connecting" if self.dialing else "down"
+#: endpoint strings parsed and kept at most (each node restart with tcp:0 brings a new one)
+MAX_PARSED_ENDPOINTS = 1024
 
 
 @implementer(IMessageSink)
 class Router:
-    """Routes messages to harbor links and data from them to ``deliver``."""
+    """Routes frames to harbor links and data from them to ``deliver``."""
 
     log = Logger()
 
@@ -67,34 +57,40 @@ class Router:
         harbor_lost: HarborLost,
         undeliverable: Undeliverable,
         expected_incarnation: Callable[[int], int | None] = lambda harbor: None,
-        max_queue: int = 1000,
+        max_queue_bytes: int = 1024 * 1024,
         retry_initial: float = 0.5,
-        retry_max: float = 30.0,
+        retry_max: float = 2.0,
         rng: random.Random | None = None,
         resolver: NodeResolver | None = None,
+        flow: FlowControl | None = None,
+        pending_to: PendingTo = lambda harbor: 0,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.config = config
-        #: links call this directly for data (a frame fewer than data_received)
         self.deliver = deliver
         self.harbor_lost = harbor_lost
         self.undeliverable = undeliverable
         #: the incarnation the master says is live (None without a master)
         self.expected_incarnation = expected_incarnation
-        self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.rng = rng or random.Random()
         #: turns ``name@host`` peers into endpoints through that host's mapper
         self.resolver = resolver
+        self.flow = flow or FlowControl()
+        self.pending_to = pending_to
         self.peers: dict[int, Peer] = {}
         self.stopping = False
         # Parsing a plugin endpoint (loopback:, a user's own) makes Twisted look its plugins
-        # up again, about 0.5 ms a time: each endpoint string is parsed once and reused.
+        # up again, about 0.5 ms a time: each endpoint string is parsed once and reused,
+        # for the endpoints peers use now (pruned when a peer moves or goes).
         self._endpoints: dict[str, Any] = {}
         #: every link object currently connected, up or not (for stop and for tests)
         self.links: set[HarborLink] = set()
+        #: links this router stopped reading (their replies pile up), with the harbor
+        self._unread: set[IHarborLink] = set()
 
     # --- peers -------------------------------------------------------------------------
 
@@ -102,26 +98,33 @@ class Router:
         """Learn (or re-learn) where ``harbor`` listens; dial it unless linked (or told not to:
         a newcomer announced by the master dials us)."""
         known = self.peers.get(harbor)
-        if known is not None and known.endpoint == endpoint:
-            if known.link is None and not known.dialing and dial:
-                self._dial(known)
-            return  # checked when it was learned: parsing a plugin endpoint scans plugins
+        if known is None or known.endpoint != endpoint:
+            self._check_endpoint(harbor, endpoint)
+            if known is None:
+                known = self.peers[harbor] = self._new_peer(harbor)
+            old, known.core.endpoint = known.core.endpoint, endpoint
+            self._prune_endpoint(old)
+        if dial and not self.stopping:
+            known.inputs.dial()
+
+    def _check_endpoint(self, harbor: int, endpoint: str) -> None:
         if is_node_name(endpoint):
             if self.resolver is None:
                 raise ConfigurationError(
                     f"harbor {harbor}: {endpoint!r} is a node name, but this node has no "
                     f"port mapper to resolve it")
-        else:
-            try:
-                self.client_endpoint(endpoint)
-            except (ValueError, KeyError, TypeError) as e:
-                raise ConfigurationError(
-                    f"harbor {harbor}: bad endpoint {endpoint!r}: {e}"
-                ) from None
-        peer = self.peers.setdefault(harbor, Peer(harbor))
-        peer.endpoint = endpoint
-        if dial and peer.link is None and not peer.dialing:
-            self._dial(peer)
+            return
+        try:
+            self.client_endpoint(endpoint)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigurationError(f"harbor {harbor}: bad endpoint {endpoint!r}: {e}") from None
+
+    def _new_peer(self, harbor: int) -> Peer:
+        return Peer(PeerCore(
+            harbor, self.clock, self.rng, self._start_dial, self._queue_failed,
+            retry_initial=self.retry_initial, retry_max=self.retry_max,
+            max_queue_bytes=self.max_queue_bytes,
+            handshake_timeout=self.config.handshake_timeout))
 
     def remove_peer(self, harbor: int, reason: str, incarnation: int | None = None) -> None:
         """Forget ``harbor`` (the master says it is gone): close its link, fail its calls.
@@ -131,54 +134,45 @@ class Router:
         peer = self.peers.get(harbor)
         if peer is None:
             return
-        if (incarnation is not None and peer.link is not None
-                and peer.link.peer_incarnation > incarnation):
+        link = peer.link
+        if incarnation is not None and link is not None and link.peer_incarnation > incarnation:
             return
         del self.peers[harbor]
-        if peer.retry is not None and peer.retry.active():
-            peer.retry.cancel()
-        error = HarborDown(f"harbor {harbor} is down: {reason}")
-        self._fail_queue(peer, error)
-        if peer.link is not None:
-            link, peer.link = peer.link, None
-            link.close(reason)
-            self.harbor_lost(harbor, error)
+        self._prune_endpoint(peer.endpoint)
+        peer.inputs.remove(reason)
+        if link is not None:
+            self._read_again(link)
+            self.flow.drained(harbor)
+            self.harbor_lost(harbor, HarborDown(f"harbor {harbor} is down: {reason}"))
 
     def state(self, harbor: int) -> str:
+        """``idle``, ``dialing``, ``handshaking``, ``up``, ``backoff``, or ``unknown``."""
         peer = self.peers.get(harbor)
         return "unknown" if peer is None else peer.state
 
     # --- sending -----------------------------------------------------------------------
 
-    def send(self, source: int, destination: int, session: int, ptype: int,
-             payload: Any, incarnation: int = 0) -> None:
-        """Send toward ``destination``'s harbor; raise HarborDown / QueueFull / FrameTooLarge.
-
-        With ``incarnation`` (a reply), send only over a link to that incarnation of the
-        harbor: the process that asked. A restarted one must never get its answer."""
-        harbor = destination >> 24
+    def send_frame(self, harbor: int, frame: bytes) -> None:
+        """Send an encoded request or one-way frame toward ``harbor``: at once on its link,
+        queued while the link comes up; HarborDown / QueueFull if it cannot be."""
         peer = self.peers.get(harbor)
-        if incarnation and (peer is None or peer.link is None
-                            or peer.link.peer_incarnation != incarnation):
-            raise HarborDown(f"harbor {harbor} incarnation {incarnation}, which asked, is gone")
-        if peer is not None and peer.link is not None:
-            peer.link.send_data(source, destination, session, ptype, payload)
-        elif peer is not None and (peer.dialing or (peer.endpoint and peer.retry is None)):
-            if not peer.dialing:  # known but never dialed (the master told us of it)
-                self._dial(peer)
-            if len(peer.queue) >= self.max_queue:
-                raise QueueFull(
-                    f"{len(peer.queue)} messages already wait for harbor {harbor}'s link"
-                )
-            size = DATA_HEADER.size + len(encode_cbor(payload))  # fail now, not at flush
-            if size > self.config.max_frame:
-                raise FrameTooLarge(size, self.config.max_frame)
-            peer.queue.append((source, destination, session, ptype, payload))
-        elif peer is None:
+        if peer is None:
             raise HarborDown(f"harbor {harbor} is not known to this node")
-        else:
-            why = f": {peer.last_error}" if peer.last_error else ""
-            raise HarborDown(f"harbor {harbor} is down{why}")
+        peer.send(frame)
+
+    def reply_frame(self, link: IHarborLink, frame: bytes) -> None:
+        """Send a reply back to whoever asked on ``link``: on that link, or, if it was retired
+        as a duplicate, on the link that replaced it to the same process (same incarnation).
+        A reply is never refused for room; HarborDown if the asking process is gone."""
+        if link.up and not link.retired:
+            link.write_frame(frame, True)
+            return
+        peer = self.peers.get(link.peer_harbor)
+        current = peer.link if peer is not None else None
+        if current is not None and current.peer_incarnation == link.peer_incarnation:
+            current.write_frame(frame, True)
+            return
+        raise HarborDown(f"the link from harbor {link.peer_harbor} that asked is gone")
 
     # --- IMessageSink ------------------------------------------------------------------
 
@@ -187,19 +181,22 @@ class Router:
             link.close("node stopping")
             return
         harbor = link.peer_harbor
-        peer = self.peers.setdefault(harbor, Peer(harbor))
+        peer = self.peers.get(harbor)
+        if peer is None:
+            peer = self.peers[harbor] = self._new_peer(harbor)
         current = peer.link
         if current is not None:
             if link.peer_incarnation < current.peer_incarnation:
                 link.close(f"harbor {harbor} incarnation {link.peer_incarnation} is stale")
                 return
             if link.peer_incarnation == current.peer_incarnation:
-                # Both sides dialed: both keep the link dialed by the lower harbor id.
+                # Both sides dialed: both keep the link dialed by the lower harbor id, and
+                # retire the other, which still delivers what was sent on it before.
                 if self._dialed_by(link) != min(harbor, self.config.harbor):
-                    link.close("duplicate link")
+                    link.retire("duplicate link")
                     return
-                peer.link = None
-                current.close("duplicate link")
+                current.retire("duplicate link")
+                self._read_again(current)
             elif self.expected_incarnation(harbor) != link.peer_incarnation:
                 # The live link says this incarnation is alive. A real restart loses that
                 # link at once (or within the heartbeat bound) and redials; anything else
@@ -208,42 +205,66 @@ class Router:
                            f"{current.peer_incarnation}")
                 return
             else:
-                peer.link = None
+                peer.core.link = None
                 current.close(f"replaced by incarnation {link.peer_incarnation}")
+                self._read_again(current)
                 self.harbor_lost(harbor, HarborDown(
                     f"harbor {harbor} restarted (incarnation {link.peer_incarnation})"))
-        peer.link = link
-        peer.last_error = ""
-        peer.backoff = 0.0
-        if peer.retry is not None and peer.retry.active():
-            peer.retry.cancel()
-        peer.retry = None
-        while peer.queue:
-            source, destination, session, ptype, payload = peer.queue.popleft()
-            link.send_data(source, destination, session, ptype, payload)
+        peer.inputs.attach(link)
 
     def link_down(self, link: IHarborLink, reason: BaseException) -> None:
+        self._unread.discard(link)
         peer = self.peers.get(link.peer_harbor)
         if peer is None or peer.link is not link:
-            return  # a superseded or forgotten link: its harbor is not down
-        peer.link = None
+            return  # a retired, superseded or forgotten link: its harbor is not down
+        self.flow.drained(peer.harbor)
         if peer.endpoint is None:  # it dialed us and nobody told us where it listens
             del self.peers[peer.harbor]
-        peer.last_error = str(reason)
-        self.harbor_lost(peer.harbor, reason)
-        if not self.stopping and peer.endpoint is not None:
+            peer.inputs.remove(str(reason))
+        elif self.stopping:
+            peer.inputs.remove("node stopping")
+        else:
             self._forget_address(peer)
-            self._schedule_retry(peer)
+            peer.inputs.lost(str(reason))
+        self.harbor_lost(peer.harbor, reason)
+
+    def link_retired(self, link: IHarborLink) -> None:
+        peer = self.peers.get(link.peer_harbor)
+        self._read_again(link)
+        if peer is not None and peer.link is link:
+            # The peer chose the other link (we have not seen it up yet): queue until the
+            # one it kept finishes its handshake here.
+            self.flow.drained(peer.harbor)
+            peer.inputs.detach("retired by the peer")
 
     def data_received(self, link: IHarborLink, source: int, destination: int, session: int,
                       ptype: int, payload: Any) -> None:
-        self.deliver(source, destination, session, ptype, payload, link.peer_incarnation)
+        self.deliver(link, source, destination, session, ptype, payload)
 
     def bad_payload(self, link: IHarborLink, source: int, destination: int, session: int,
                     error: Exception) -> None:
         self.log.warn("unreadable payload from {source:#010x} on harbor {harbor}: {error}",
-                      source=source, harbor=link.peer_harbor, error=error)
-        self.undeliverable(source, destination, session, error)
+                      source=source, harbor=link.peer_harbor, error=str(error))
+        self.undeliverable(link, source, destination, session, error)
+
+    def link_congested(self, link: IHarborLink) -> None:
+        harbor = link.peer_harbor
+        self.flow.congested(harbor)
+        # Replies to this harbor pile up: read no more of its requests, unless we wait for
+        # replies from it (reading is how they come; stopping would deadlock both sides).
+        if not self.pending_to(harbor) and isinstance(link, HarborLink):
+            self._unread.add(link)
+            link.pauseProducing()
+
+    def link_drained(self, link: IHarborLink) -> None:
+        self._read_again(link)
+        self.flow.drained(link.peer_harbor)
+
+    def _read_again(self, link: IHarborLink) -> None:
+        if link in self._unread:
+            self._unread.discard(link)
+            if isinstance(link, HarborLink):
+                link.resumeProducing()
 
     # --- dialing -----------------------------------------------------------------------
 
@@ -251,8 +272,15 @@ class Router:
         """The client endpoint for a description string, parsed once."""
         endpoint = self._endpoints.get(description)
         if endpoint is None:
+            if len(self._endpoints) >= MAX_PARSED_ENDPOINTS:
+                self._endpoints.clear()
             endpoint = self._endpoints[description] = clientFromString(self.reactor, description)
         return endpoint
+
+    def _prune_endpoint(self, description: str | None) -> None:
+        if description is not None and all(p.endpoint != description
+                                           for p in self.peers.values()):
+            self._endpoints.pop(description, None)
 
     def link_factory(self, dialer: bool = False,
                      expect_harbor: int | None = None) -> HarborLinkFactory:
@@ -263,72 +291,61 @@ class Router:
     def _dialed_by(self, link: IHarborLink) -> int:
         return self.config.harbor if getattr(link, "dialer", False) else link.peer_harbor
 
-    def _dial(self, peer: Peer) -> None:
-        assert peer.endpoint is not None
-        if self.stopping:
-            return
-        peer.dialing = True
-        if peer.retry is not None and peer.retry.active():
-            peer.retry.cancel()
-        peer.retry = None
-        factory = self.link_factory(dialer=True, expect_harbor=peer.harbor)
-        target = peer.endpoint
+    def _start_dial(self, core: PeerCore) -> Deferred[Any]:
+        """Dial ``core``'s harbor: resolve, connect, handshake, all within one timeout; the
+        outcome goes back to its machine exactly once."""
+        peer = self.peers.get(core.harbor)
+        if self.stopping or peer is None or peer.core is not core or core.endpoint is None:
+            raise HarborDown("no longer dialing this harbor")
+        inputs = peer.inputs
+        factory = self.link_factory(dialer=True, expect_harbor=core.harbor)
+        target = core.endpoint
         resolving: Deferred[str] = (
             self.resolver.resolve_node(target)
             if self.resolver is not None and is_node_name(target) else succeed(target))
-        connecting: Deferred[Any] = resolving.addCallback(
-            lambda endpoint: self.client_endpoint(endpoint).connect(factory))
-        connecting.addTimeout(self.config.handshake_timeout, self.clock)
-        connecting.addCallback(lambda link: link.ready)
-        connecting.addCallbacks(lambda _: self._dialed(peer),
-                                lambda failure: self._dial_failed(peer, failure))
 
-    def _dialed(self, peer: Peer) -> None:
-        peer.dialing = False
+        def connect(endpoint: str) -> Deferred[Any]:
+            connecting: Deferred[Any] = self.client_endpoint(endpoint).connect(factory)
+            return connecting
+
+        def handshake(link: HarborLink) -> Deferred[HarborLink]:
+            inputs.connected()
+            return link.ready
+
+        attempt = resolving.addCallback(connect).addCallback(handshake)
+        attempt.addTimeout(self.config.handshake_timeout, self.clock)
+        attempt.addCallbacks(lambda _: inputs.dial_done(),
+                             lambda failure: self._dial_failed(core, failure))
+        return attempt
+
+    def _dial_failed(self, core: PeerCore, failure: Failure) -> None:
+        if self.resolver is not None and core.endpoint and is_node_name(core.endpoint):
+            self.resolver.invalidate(core.endpoint)  # ask the mapper again next time
+        peer = self.peers.get(core.harbor)
+        if peer is not None and peer.core is core:
+            peer.inputs.dial_failed(failure.getErrorMessage() or type(failure.value).__name__)
 
     def _forget_address(self, peer: Peer) -> None:
-        """A dial to a resolved ``name@host`` failed: ask the mapper again next time."""
+        """A link to a resolved ``name@host`` failed: ask the mapper again next time."""
         if self.resolver is not None and peer.endpoint and is_node_name(peer.endpoint):
             self.resolver.invalidate(peer.endpoint)
 
-    def _dial_failed(self, peer: Peer, failure: Failure) -> None:
-        peer.dialing = False
-        self._forget_address(peer)
-        if self.peers.get(peer.harbor) is not peer:
-            return
-        error = HarborDown(
-            f"harbor {peer.harbor} at {peer.endpoint} is unreachable: {failure.getErrorMessage()}"
-        )
-        peer.last_error = str(error)
-        self._fail_queue(peer, error)
-        if peer.link is None and not self.stopping:
-            delay = self._schedule_retry(peer)
-            self.log.warn("{error}; retrying in {delay:.1f} s", error=error, delay=delay)
-
-    def _fail_queue(self, peer: Peer, error: HarborDown) -> None:
-        if peer.queue:
-            peer.queue.clear()
-            self.harbor_lost(peer.harbor, error)
-
-    def _schedule_retry(self, peer: Peer) -> float:
-        peer.backoff = min(self.retry_max, peer.backoff * 2 or self.retry_initial)
-        delay = peer.backoff * self.rng.uniform(0.8, 1.2)
-        peer.retry = self.clock.callLater(delay, self._retry, peer)
-        return delay
-
-    def _retry(self, peer: Peer) -> None:
-        peer.retry = None
-        if self.stopping:
-            return
-        if self.peers.get(peer.harbor) is peer and peer.link is None and not peer.dialing:
-            self._dial(peer)
+    def _queue_failed(self, harbor: int, error: HarborDown) -> None:
+        self.harbor_lost(harbor, error)
 
     def stop(self) -> None:
-        """Close every link and cancel every retry (the node is stopping)."""
+        """Close every link and cancel every dial and retry (the node is stopping)."""
         self.stopping = True
-        for peer in self.peers.values():
-            if peer.retry is not None and peer.retry.active():
-                peer.retry.cancel()
-            peer.retry = None
+        for peer in list(self.peers.values()):
+            peer.inputs.remove("node stopping")
         for link in list(self.links):
             link.close("node stopping")
+
+    def abort(self) -> None:
+        """Like a killed process: every connection aborted without a word, nothing redials."""
+        self.stopping = True
+        for link in list(self.links):
+            if link.transport is not None:
+                link.transport.abortConnection()
+        for peer in list(self.peers.values()):
+            peer.inputs.remove("node crashed")

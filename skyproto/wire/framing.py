@@ -4,12 +4,21 @@ A frame is a 4-byte big-endian length and that many bytes. Sending a frame over 
 raises :class:`FrameTooLarge` at the sender, before anything is written; receiving one
 drops that connection with a logged reason. A frame handler that raises
 :class:`ProtocolError` also drops only its own connection.
+
+Outbound bytes go straight to the transport while it accepts them. Once the transport says
+its buffer is full (it pauses us, as a producer), frames wait in this protocol's own queue,
+counted exactly in bytes, and go out as the transport drains. ``max_outbound`` bounds that
+queue for traffic that may be refused (new requests get :class:`QueueFull`); traffic that must
+not be lost (replies, control) is always queued. Crossing ``outbound_mark`` calls
+:meth:`FrameProtocol.outbound_congested`; falling back under a quarter of it calls
+:meth:`FrameProtocol.outbound_drained`, so owners can stop reading whoever feeds them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import struct
+from collections import deque
 from typing import Final
 
 from twisted.internet.interfaces import IPushProducer
@@ -23,6 +32,8 @@ DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
 #: bytes a connection may queue beyond the transport's own buffer before sends fail
 DEFAULT_MAX_OUTBOUND: Final = 8 * 1024 * 1024
 LENGTH_PREFIX: Final = struct.Struct(">I")
+#: frames made together are joined into writes of about this size (fewer system calls)
+WRITE_CHUNK: Final = 64 * 1024
 
 
 @implementer(IPushProducer)
@@ -33,11 +44,11 @@ class _Congestion:
         self.protocol = protocol
 
     def pauseProducing(self) -> None:
-        self.protocol.congested = True
+        self.protocol.transport_full = True
 
     def resumeProducing(self) -> None:
-        self.protocol.congested = False
-        self.protocol.backlog = 0
+        self.protocol.transport_full = False
+        self.protocol.transport_drained()
 
     def stopProducing(self) -> None:
         pass
@@ -52,16 +63,21 @@ class FrameProtocol(IntNStringReceiver):
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME,
                  max_outbound: int = DEFAULT_MAX_OUTBOUND,
-                 max_frame_before_auth: int | None = None) -> None:
+                 max_frame_before_auth: int | None = None,
+                 outbound_mark: int | None = None) -> None:
         # Until the peer has proven the secret its frames are held to a small limit, so
         # that connections without the secret cannot make us buffer max_frame bytes each.
         self.max_frame_after_auth = max_frame
         self.MAX_LENGTH = min(max_frame, max_frame_before_auth or max_frame)
         self.max_outbound = max_outbound
-        #: the peer is not reading fast enough: the transport's buffer is over its mark
+        self.outbound_mark = outbound_mark or max(1, min(max_outbound // 4, 1024 * 1024))
+        #: the transport's buffer is over its own mark: new bytes wait in ``_held``
+        self.transport_full = False
+        self._held: deque[bytes] = deque()
+        #: bytes waiting here, beyond the transport's own buffer (exact)
+        self.held_bytes = 0
+        #: over ``outbound_mark`` (told to :meth:`outbound_congested`), until drained
         self.congested = False
-        #: bytes written since the transport said it was full
-        self.backlog = 0
         #: why :meth:`drop` dropped the connection, for connectionLost to report
         self.drop_reason: str | None = None
 
@@ -84,23 +100,88 @@ class FrameProtocol(IntNStringReceiver):
             with contextlib.suppress(OSError):  # UNIX sockets have no Nagle to switch off
                 set_no_delay(True)
 
-    def send_frame(self, frame: bytes) -> None:
-        """Write one frame; raises FrameTooLarge (and writes nothing) if it is too big."""
+    # --- sending -----------------------------------------------------------------------
+
+    def send_frame(self, frame: bytes, must: bool = True) -> None:
+        """Write one frame; FrameTooLarge (nothing written) if it is too big, and QueueFull
+        if it may be refused (``must`` false) and the queue is full."""
         if len(frame) > self.MAX_LENGTH:
             raise FrameTooLarge(len(frame), self.MAX_LENGTH)
-        if self.congested:
-            self.count_backlog(len(frame) + 4)
-        assert self.transport is not None
-        self.transport.write(LENGTH_PREFIX.pack(len(frame)) + frame)
+        self.write_bytes(LENGTH_PREFIX.pack(len(frame)) + frame, must)
 
-    def count_backlog(self, size: int) -> None:
-        """Account for a write while the peer is slow; refuse it past ``max_outbound``."""
-        if self.backlog + size > self.max_outbound:
+    def check_room(self, size: int) -> None:
+        """Raise QueueFull if ``size`` more refusable bytes would overflow the queue."""
+        if self.held_bytes + size > self.max_outbound:
             raise QueueFull(
-                f"{self.backlog} bytes already wait for a slow peer "
+                f"{self.held_bytes} bytes already wait for a slow peer "
                 f"(limit {self.max_outbound}); not sending {size} more"
             )
-        self.backlog += size
+
+    def write_bytes(self, data: bytes, must: bool = True) -> None:
+        """Write already framed bytes, or queue them while the transport is full."""
+        if not self.transport_full and not self._held:
+            assert self.transport is not None
+            self.transport.write(data)
+            return
+        if not must:
+            self.check_room(len(data))
+        self._held.append(data)
+        self.held_bytes += len(data)
+        if not self.congested and self.held_bytes > self.outbound_mark:
+            self.congested = True
+            self.outbound_congested()
+
+    def write_frames(self, frames: list[bytes]) -> None:
+        """Write framed bytes that must go (replies made together): joined into writes of
+        up to ``WRITE_CHUNK`` bytes while the transport takes them, queued once it is full,
+        so the queue counts what really waits."""
+        chunk: list[bytes] = []
+        size = 0
+        for index, data in enumerate(frames):
+            if self.transport_full or self._held:
+                if chunk:
+                    self.write_bytes(b"".join(chunk))
+                    chunk, size = [], 0
+                for rest in frames[index:]:
+                    self.write_bytes(rest)
+                return
+            chunk.append(data)
+            size += len(data)
+            if size >= WRITE_CHUNK:
+                self.write_bytes(b"".join(chunk))
+                chunk, size = [], 0
+        if chunk:
+            self.write_bytes(b"".join(chunk))
+
+    def transport_drained(self) -> None:
+        """The transport wants more: hand it queued bytes until it is full again."""
+        held = self._held
+        transport = self.transport
+        while held and not self.transport_full and transport is not None:
+            data = held.popleft()
+            self.held_bytes -= len(data)
+            transport.write(data)
+        if self.congested and self.held_bytes <= self.outbound_mark // 4:
+            self.congested = False
+            self.outbound_drained()
+
+    def outbound_congested(self) -> None:
+        """More than ``outbound_mark`` bytes wait: a hook for owners (nothing by default)."""
+
+    def outbound_drained(self) -> None:
+        """The queue fell back under a quarter of the mark: a hook for owners."""
+
+    def discard_outbound(self) -> int:
+        """The connection is gone: forget what waits; return how many bytes that was."""
+        dropped = self.held_bytes
+        self._held.clear()
+        self.held_bytes = 0
+        if self.congested:
+            self.congested = False
+            self.outbound_drained()
+        return dropped
+
+    # --- receiving ---------------------------------------------------------------------
 
     def stringReceived(self, string: bytes) -> None:
         try:
@@ -115,14 +196,34 @@ class FrameProtocol(IntNStringReceiver):
     def lengthLimitExceeded(self, length: int) -> None:
         self.drop(f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH} bytes")
 
-    def drop(self, reason: str) -> None:
-        """Abort this connection (only this one), logging why; later frames are ignored."""
+    def resumeProducing(self) -> None:
+        if self.drop_reason is None:  # a dropped connection never reads again
+            super().resumeProducing()
+
+    def drop(self, reason: str, quiet: bool = False) -> None:
+        """Abort this connection (only this one), logging why; later frames are ignored.
+
+        ``quiet``: a peer that never authenticated; logged at debug, since anyone can open
+        connections and one warning each would let them flood the log."""
         assert self.transport is not None
         self.drop_reason = reason
         self.paused = True  # stops IntNStringReceiver's loop over frames already buffered
-        self.log.warn(
-            "dropping connection from {peer}: {reason}",
-            peer=self.transport.getPeer(),
-            reason=reason,
-        )
+        emit = self.log.debug if quiet else self.log.warn
+        emit("dropping connection from {peer}: {reason}",
+             peer=describe_peer(self.transport), reason=reason)
         self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def describe_peer(transport: object) -> str:
+    """A transport's peer address in words (``127.0.0.1:4711``, a UNIX path, a name)."""
+    get_peer = getattr(transport, "getPeer", None)
+    if get_peer is None:
+        return "an unknown peer"
+    address = get_peer()
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return str(name) if name else type(address).__name__

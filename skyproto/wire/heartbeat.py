@@ -1,19 +1,41 @@
 """Heartbeats on any framed connection: beat every interval, declare silence at the timeout.
 
-The owner calls :meth:`Heartbeat.heard` for every frame it receives (one clock read), and
-gets ``send_beat()`` every ``interval`` and ``silent(seconds)`` once the peer has sent
-nothing for ``timeout``. One timer at a time, scheduled for whichever comes first, so the
-silence is noticed at the timeout itself, not a beat later.
+The owner calls :meth:`HeartbeatTimer.heard` whenever bytes arrive (not per whole frame: a
+large frame on a slow link takes longer than the timeout, yet its bytes prove the peer is
+alive), and gets ``send_beat()`` every ``interval`` and ``silent(seconds)`` once the peer has
+sent nothing for ``timeout``. One timer at a time, scheduled for whichever comes first.
+
+The timer never dies: a ``send_beat`` that raises is logged and the timer goes on. Silence is
+confirmed on the next reactor turn, after waiting data has been read, so a stalled reactor
+(a long computation, a paused process) does not drop a peer whose bytes are already here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+
+@attrs.frozen
+class HeartbeatTiming:
+    """How often a side beats and how long a silence it tolerates."""
+
+    interval: float = 1.0
+    timeout: float = 3.0
+
+    def governing(self, other: HeartbeatTiming) -> HeartbeatTiming:
+        """The timing both sides of a connection use: the slower side's, so nobody drops
+        a peer for beating at the rate it said it would."""
+        return HeartbeatTiming(max(self.interval, other.interval),
+                               max(self.timeout, other.timeout))
 
 
 class HeartbeatTimer:
+    log = Logger()
+
     def __init__(self, clock: IReactorTime, interval: float, timeout: float,
                  send_beat: Callable[[], object], silent: Callable[[float], object]) -> None:
         self.clock = clock
@@ -24,31 +46,69 @@ class HeartbeatTimer:
         self.last_heard = 0.0
         self._next_beat = 0.0
         self._timer: IDelayedCall | None = None
+        self._running = False
+
+    @property
+    def running(self) -> bool:
+        return self._running
 
     def start(self) -> None:
         now = self.clock.seconds()
+        self._running = True
         self.last_heard = now
         self._next_beat = now + self.interval
         self._schedule(now)
+
+    def retime(self, timing: HeartbeatTiming) -> None:
+        """Use a negotiated timing from now on (after a handshake)."""
+        self.interval = timing.interval
+        self.timeout = timing.timeout
+        if self._running:
+            now = self.clock.seconds()
+            self._next_beat = min(self._next_beat, now + self.interval)
+            self._cancel()
+            self._schedule(now)
 
     def heard(self) -> None:
         self.last_heard = self.clock.seconds()
 
     def stop(self) -> None:
+        self._running = False
+        self._cancel()
+
+    def _cancel(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
     def _tick(self) -> None:
         self._timer = None
+        if not self._running:
+            return
+        now = self.clock.seconds()
+        if now - self.last_heard >= self.timeout:
+            # Let the reactor read what is waiting before we believe the silence.
+            self._timer = self.clock.callLater(0, self._confirm_silence)
+            return
+        if now >= self._next_beat:
+            self._next_beat = now + self.interval
+            try:
+                self.send_beat()
+            except Exception as e:  # e.g. QueueFull: the next beat may get through
+                self.log.warn("heartbeat not sent: {error}", error=str(e))
+        if self._running:
+            self._schedule(now)
+
+    def _confirm_silence(self) -> None:
+        self._timer = None
+        if not self._running:
+            return
         now = self.clock.seconds()
         quiet = now - self.last_heard
         if quiet >= self.timeout:
+            self._running = False
             self.silent(quiet)
             return
-        if now >= self._next_beat:
-            self.send_beat()
-            self._next_beat = now + self.interval
         self._schedule(now)
 
     def _schedule(self, now: float) -> None:
