@@ -70,6 +70,13 @@ class WaitTimeout(TimeoutError):
 
 
 @attrs.frozen
+class _Again:
+    """Not yet: ask again after ``seconds``."""
+
+    seconds: float
+
+
+@attrs.frozen
 class _Deadline:
     """What both waiting helpers share: ask the condition, give up after the timeout."""
 
@@ -96,13 +103,6 @@ class _Deadline:
         if left <= 0:
             raise WaitTimeout(self.what, self.timeout, result)
         return _Again(min(self.interval, left))
-
-
-@attrs.frozen
-class _Again:
-    """Not yet: ask again after ``seconds``."""
-
-    seconds: float
 
 
 def wait_for(condition: Callable[[], T | None], what: str, timeout: float = 10.0, *,
@@ -161,7 +161,8 @@ def settle(clock: Clock, seconds: float = 0.0, *, step: float = 0.05, horizon: f
 
     With the default horizon of 0, what is due now runs (every loopback delivery, and what
     it schedules at once), but not what waits for later (heartbeats, retries). Returns
-    False if ``max_steps`` steps did not make it quiet (something keeps itself busy).
+    False if ``max_steps`` steps (all of them counted) did not make it quiet: something
+    keeps itself busy within the horizon.
     """
     if not step > 0:
         raise ValueError(f"step must be > 0 seconds, not {step!r}")

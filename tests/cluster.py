@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 
 from skyproto.node.node import Node
 from skyproto.node.service import Service
+from skyproto.testing import settle
 from skyproto.transports.loopback import network_for
 
 SECRET = b"test-secret"
@@ -57,7 +58,7 @@ def mesh(count: int, clock: Clock | None = None, **kwargs: Any) -> tuple[Clock, 
         for other in nodes:
             if other is not node:
                 node.add_peer(other.harbor, f"loopback:h{other.harbor}")
-    clock.advance(0)
+    settle(clock)
     return clock, nodes
 
 

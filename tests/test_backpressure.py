@@ -7,18 +7,33 @@ transport paused rather than bytes waiting, and a payload was encoded only when 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from skyproto.errors import FrameTooLarge, QueueFull
+from skyproto.harbor.link import HarborLink
+from skyproto.node.node import Node
 from skyproto.node.service import Service
 from skyproto.services.echo import Echo
 from skyproto.wire.framing import FrameProtocol
 
 from .cluster import failure_of, make_node, mesh, result_of
+
+
+def link_of(node: Node, harbor: int) -> HarborLink:
+    """The node's current link to ``harbor`` (the test expects one)."""
+    link = cast(HarborLink | None, node.router.peers[harbor].link)
+    assert link is not None
+    return link
+
+
+def transport_of(link: HarborLink) -> Any:
+    """The link's loopback transport (with its fault hooks)."""
+    assert link.transport is not None
+    return link.transport
 
 
 class Big(Service):
@@ -93,18 +108,18 @@ def test_replies_that_pile_up_for_a_slow_caller_all_arrive_once_it_reads() -> No
     caller waited for a CallTimeout although the node knew at once."""
     clock, (a, b) = mesh(2, max_outbound=256 * 1024)
     big = b.spawn(Big(16 * 1024))
-    a_link = a.router.peers[2].link
+    a_link = link_of(a, 2)
     assert a_link is not None and a_link.transport is not None
-    a_link.transport.pauseProducing()  # a does not read its replies for a while
+    transport_of(a_link).pauseProducing()  # a does not read its replies for a while
     calls = []
     for i in range(40):  # 640 KiB of replies, made one request at a time
         calls.append(a.call(big, i, timeout=60))
         clock.advance(0.01)
-    b_link = b.router.peers[1].link
+    b_link = link_of(b, 1)
     assert b_link is not None
     assert b_link.held_bytes > 0  # replies wait at b, none refused; b stopped reading a
     assert b_link.paused
-    a_link.transport.resumeProducing()
+    transport_of(a_link).resumeProducing()
     for _ in range(20):
         clock.advance(0.1)
     outcomes = [result_of(d) for d in calls]
@@ -117,17 +132,17 @@ def test_a_callee_whose_replies_pile_up_stops_reading_that_caller_until_they_dra
     big = b.spawn(Big(32 * 1024))
     service = b.services[big & 0xFFFFFF]
     assert isinstance(service, Big)
-    a_link = a.router.peers[2].link
+    a_link = link_of(a, 2)
     assert a_link is not None and a_link.transport is not None
-    a_link.transport.pauseProducing()
+    transport_of(a_link).pauseProducing()
     calls = [a.call(big, i, timeout=60) for i in range(100)]
     for _ in range(20):
         clock.advance(0.1)
     held_back = service.requests
     assert held_back < 100, "b must stop reading requests while their replies wait"
-    b_link = b.router.peers[1].link
+    b_link = link_of(b, 1)
     assert b_link is not None and b_link.held_bytes < 2 * 1024 * 1024
-    a_link.transport.resumeProducing()
+    transport_of(a_link).resumeProducing()
     for _ in range(50):
         clock.advance(0.1)
     assert service.requests == 100
@@ -137,16 +152,16 @@ def test_a_callee_whose_replies_pile_up_stops_reading_that_caller_until_they_dra
 def test_a_caller_gets_queue_full_naming_the_cause_never_a_bare_timeout() -> None:
     clock, (a, b) = mesh(2, max_outbound=64 * 1024)
     echo = b.spawn(Echo())
-    b_link = b.router.peers[1].link
+    b_link = link_of(b, 1)
     assert b_link is not None and b_link.transport is not None
-    b_link.transport.pauseProducing()  # b stops reading a's requests
+    transport_of(b_link).pauseProducing()  # b stops reading a's requests
     outcomes: list[Any] = []
     for _ in range(100):
         a.call(echo, b"x" * 4096, timeout=30).addBoth(outcomes.append)
         clock.advance(0)
     refused = [o for o in outcomes if isinstance(o, Failure)]
     assert refused and all(o.check(QueueFull) for o in refused)
-    b_link.transport.resumeProducing()
+    transport_of(b_link).resumeProducing()
     for _ in range(10):
         clock.advance(0.1)
     assert len(outcomes) == 100
@@ -158,14 +173,14 @@ def test_a_congested_link_holds_the_nodes_feeders_until_it_drains() -> None:
     echo = b.spawn(Echo())
     told: list[bool] = []
     a.flow.subscribe(told.append)
-    b_link = b.router.peers[1].link
+    b_link = link_of(b, 1)
     assert b_link is not None and b_link.transport is not None
-    b_link.transport.pauseProducing()
+    transport_of(b_link).pauseProducing()
     for _ in range(20):
         a.call(echo, b"x" * 16 * 1024, timeout=30).addErrback(lambda f: None)
     clock.advance(0)
     assert told == [True]
-    b_link.transport.resumeProducing()
+    transport_of(b_link).resumeProducing()
     for _ in range(10):
         clock.advance(0.1)
     assert told == [True, False]

@@ -39,23 +39,21 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
 
-from skyproto.master.registry import InMemoryRegistry
-from skyproto.master.server import MasterService
 from skyproto.node.node import Node
 from skyproto.services import Echo
-from skyproto.transports.loopback import network_for
+from skyproto.testing import InMemoryCluster, connections_of, settle
+from skyproto.transports.loopback import LoopbackConnection, network_for
 
-from .chaos import SECRET, Chaos, ChaosFailure, replay_command
+from .chaos import Chaos, ChaosFailure, replay_command
 from .cluster import Parked, make_node, mesh, network, result_of
 
 DEFAULT_SEEDS = [1, 2, 3, 4, 5]
+TICK = 0.1  #: the clock step of the reproductions below
 SOAK_FIRST_SEED = 1000
 
 
@@ -177,8 +175,7 @@ def test_stopped_router_never_dials_again() -> None:
     clock.advance(0)
     assert a.router.state(2) == "up"
     a.stop()
-    for _ in range(20):
-        clock.advance(0.1)
+    settle(clock, 2, step=TICK)
     assert a.router.links == set()
     assert b.router.state(1) != "up"
 
@@ -190,48 +187,15 @@ def test_a_dial_in_flight_at_stop_never_links() -> None:
     a, b = make_node(clock, 1), make_node(clock, 2)
     a.add_peer(2, "loopback:h2")  # connects on the next reactor turn
     a.stop()
-    for _ in range(20):
-        clock.advance(0.1)
+    settle(clock, 2, step=TICK)
     assert a.router.links == set()
     assert b.router.state(1) != "up"
     assert not network(clock).connections
 
 
-def _master(clock: Clock) -> IListeningPort:
-    ports: list[IListeningPort] = []
-    serverFromString(clock, "loopback:master").listen(
-        MasterService(InMemoryRegistry(), clock, SECRET)).addCallback(ports.append)
-    return ports[0]
-
-
-def _member(clock: Clock, harbor: int, incarnation: int | None = None) -> Node:
-    incarnation = incarnation or harbor
-    endpoint = f"loopback:h{harbor}-{incarnation}"
-    node = Node(harbor, clock, SECRET, incarnation=incarnation)
-    node.listen(endpoint)
-    node.join_master("loopback:master", f"n{harbor}", endpoint)
-    return node
-
-
-def _crash(clock: Clock, node: Node) -> None:
-    """Like SIGKILL: the port goes, every connection of the node fails."""
-    node.router.stopping = True
-    for listening in node._ports:
-        listening.stopListening()
-    if node.master is not None:
-        node.master.stop()
-    for link in list(node.router.links):
-        cast(Any, link.transport).connection.cut("crashed")
-    for connection in network(clock).connections_to("master"):
-        protocol = getattr(connection.client.protocol, "_protocol", None)
-        if getattr(protocol, "client", None) is node.master:
-            connection.cut("crashed")
-
-
-def _run(clock: Clock, seconds: float) -> None:
-    clock.advance(0)
-    for _ in range(round(seconds / 0.1)):
-        clock.advance(0.1)
+def _master_link(node: Node) -> LoopbackConnection:
+    (link,) = [c for c in connections_of(node) if c.name == "master"]
+    return link
 
 
 def test_a_kept_harbor_that_dies_before_rejoining_is_dropped() -> None:
@@ -239,85 +203,70 @@ def test_a_kept_harbor_that_dies_before_rejoining_is_dropped() -> None:
     the new table does not list while their link is up; when that harbor died before
     re-joining, nothing ever removed it (membership, names, and a router redialing a dead
     endpoint every 30 s). Fixed in faa5099."""
-    clock = Clock()
-    port = _master(clock)
-    a, b = _member(clock, 1), _member(clock, 2)
-    b.spawn(Echo())
-    _run(clock, 1)
+    cluster = InMemoryCluster(step=TICK)
+    a, b = cluster.add_node(1), cluster.add_node(2, [Echo()])
+    cluster.settle(1)
     assert set(a.membership.harbors) == {2} and "ECHO" in a.membership.names
-    port.stopListening()  # the master dies ...
-    for connection in network(clock).connections_to("master"):
-        connection.cut("master killed")
+    cluster.kill_master()
     assert b.master is not None
-    b.master.stop()  # ... and b will not be back at the master before it dies
-    _run(clock, 0.5)
-    _master(clock)  # the master comes back; a re-joins, b is not in the new table
-    _run(clock, 2)
+    b.master.stop()  # b will not be back at the master before it dies
+    cluster.settle(0.5)
+    cluster.start_master()  # the master comes back; a re-joins, b is not in the new table
+    cluster.settle(2)
     assert a.router.state(2) == "up" and 2 in a.membership.harbors  # kept: b is linked
-    _crash(clock, b)
-    _run(clock, 60)
+    cluster.crash(b)
+    cluster.settle(60)
     assert 2 not in a.membership.harbors
     assert "ECHO" not in a.membership.names
     assert 2 not in a.router.peers
 
 
 def test_a_reply_owed_to_an_old_incarnation_never_completes_a_new_call() -> None:
-    clock = Clock()
-    _master(clock)
-    a, b = _member(clock, 1), _member(clock, 2)
+    cluster = InMemoryCluster(step=TICK)
     parked = Parked()
-    slow = b.spawn(parked, "SLOW")
-    _run(clock, 1)
+    a, b = cluster.add_node(1), cluster.add_node(2, {"SLOW": parked})
+    slow = b.resolve("SLOW")
+    cluster.settle(1)
     old = a.call(slow, "from incarnation 1", timeout=30)
     old.addErrback(lambda failure: None)  # a is about to crash: nobody hears of it
-    _run(clock, 0.1)
+    cluster.settle(0.1)
     assert len(parked.waiting) == 1
     (owed,) = a.sessions._pending  # the session id b will answer
-    _crash(clock, a)
-    _run(clock, 0.5)
-    a2 = _member(clock, 1, incarnation=2)  # restarted at once by its supervisor
-    _run(clock, 2)
+    cluster.crash(a)
+    cluster.settle(0.5)
+    a2 = cluster.restart(a)  # restarted at once by its supervisor
+    cluster.settle(2)
     assert a2.router.state(2) == "up"
     a2.sessions._next = owed  # ids restart at 1 (or, drawn at random, meet by bad luck)
     new = a2.call(slow, "from incarnation 2", timeout=30)
     assert owed in a2.sessions._pending
-    _run(clock, 0.1)
+    cluster.settle(0.1)
     parked.waiting[0].callback("the answer to incarnation 1's call")
-    _run(clock, 0.1)
+    cluster.settle(0.1)
     assert not new.called  # its own answer is still to come
     parked.waiting[1].callback("the answer to incarnation 2's call")
-    _run(clock, 0.1)
+    cluster.settle(0.1)
     assert result_of(new) == "the answer to incarnation 2's call"
-
-
-def _master_link(clock: Clock, node: Node) -> Any:
-    for connection in network(clock).connections_to("master"):
-        if getattr(connection.client.protocol, "_protocol", None) is not None and \
-                cast(Any, connection.client.protocol)._protocol.client is node.master:
-            return connection
-    raise AssertionError("not connected to the master")
 
 
 def test_a_harbor_linked_but_never_announced_leaves_no_peer_behind() -> None:
     """Found by the chaos run (seed 465): a harbor that linked in while the master's
     HarborJoined for it was lost (the master died with it queued), and then died, stayed in
     router.peers for good (inert: no endpoint, no retry). Fixed in faa5099."""
-    clock = Clock()
-    port = _master(clock)
-    a, b = _member(clock, 1), _member(clock, 2)
-    _run(clock, 1)
-    _master_link(clock, b).cut("b loses the master")  # the master tells a that 2 left
+    cluster = InMemoryCluster(step=TICK)
+    clock = cluster.clock
+    a, b = cluster.add_node(1), cluster.add_node(2)
+    cluster.settle(1)
+    _master_link(b).cut("b loses the master")  # the master tells a that 2 left
     clock.advance(0)
     clock.advance(0)
-    _master_link(clock, a).delay = 1.0  # what the master says next reaches a late ...
-    _run(clock, 0.5)  # ... b re-joins and dials a: a is linked to 2 again
+    _master_link(a).delay = 1.0  # what the master says next reaches a late ...
+    cluster.settle(0.5)  # ... b re-joins and dials a: a is linked to 2 again
     assert a.router.state(2) == "up" and 2 not in a.membership.harbors
-    port.stopListening()  # the master dies with HarborJoined(2) still on its way to a
-    for connection in network(clock).connections_to("master"):
-        connection.cut("master killed")
-    _crash(clock, b)
-    _run(clock, 0.5)
-    _master(clock)
-    _run(clock, 60)
+    cluster.kill_master()  # the master dies with HarborJoined(2) still on its way to a
+    cluster.crash(b)
+    cluster.settle(0.5)
+    cluster.start_master()
+    cluster.settle(60)
     assert a.master is not None and a.master.connected
     assert 2 not in a.router.peers

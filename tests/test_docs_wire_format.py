@@ -222,8 +222,8 @@ def test_proof_example_matches_a_real_handshake() -> None:
     (challenge,) = acceptor.receive(hello).send
     assert isinstance(challenge, LinkChallenge)
     t = transcript(hello.nonce, challenge.nonce, hello.version, 1, 1_700_000_000_000_000,
-                   2, 1_700_000_000_000_001)
-    assert len(t) == 84
+                   2, 1_700_000_000_000_001, (1.0, 3.0), (1.0, 3.0))
+    assert len(t) == 116
     assert challenge.proof == proof(secret, b"harbor-acceptor", t)
 
     step = dialer.receive(challenge)
@@ -812,7 +812,7 @@ def test_stated_epmd_bytes() -> None:
 def test_mapper_constants_table() -> None:
     modules = {"mapper/epmd.py": epmd, "mapper/table.py": mapper_table,
                "mapper/server.py": mapper_server, "mapper/client.py": mapper_client,
-               "node/mapping.py": mapping}
+               "node/host_mapper.py": mapping}
     rows = table_rows("mapper-constants")
     assert len(rows) == 12
     for row in rows:

@@ -4,14 +4,30 @@ Each of these failed before the hardening (see the issue's list of failures)."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from twisted.internet.task import Clock
 
 from skyproto.errors import QueueFull
 from skyproto.harbor.link import HarborLink
+from skyproto.node.node import Node
 from skyproto.wire.codec import encode_cbor, encode_data_frame
 from skyproto.wire.heartbeat import HeartbeatTimer, HeartbeatTiming
 
 from .cluster import Parked, failure_of, make_node, mesh
+
+
+def link_of(node: Node, harbor: int) -> HarborLink:
+    """The node's current link to ``harbor`` (the test expects one)."""
+    link = cast(HarborLink | None, node.router.peers[harbor].link)
+    assert link is not None
+    return link
+
+
+def transport_of(link: HarborLink) -> Any:
+    """The link's loopback transport (with its fault hooks)."""
+    assert link.transport is not None
+    return link.transport
 
 
 class Beats:
@@ -88,7 +104,7 @@ def test_a_node_beating_every_5_s_stays_linked_to_one_that_expects_3() -> None:
     b = make_node(clock, 2, heartbeat_interval=5.0, heartbeat_timeout=15.0)
     a.add_peer(2, "loopback:h2")
     clock.advance(0)
-    link = a.router.peers[2].link
+    link = link_of(a, 2)
     assert isinstance(link, HarborLink)
     assert link.timing == HeartbeatTiming(5.0, 15.0)
     for _ in range(60):
@@ -101,8 +117,8 @@ def test_a_large_frame_arriving_slowly_is_a_sign_of_life() -> None:
     """Liveness counts bytes: an 8 MiB frame on a 20 Mbit/s link takes more than 3 s."""
     clock, (a, b) = mesh(2)
     parked = b.spawn(Parked())
-    a_link = a.router.peers[2].link
-    b_link = b.router.peers[1].link
+    a_link = link_of(a, 2)
+    b_link = link_of(b, 1)
     assert isinstance(a_link, HarborLink) and isinstance(b_link, HarborLink)
     a_link._heartbeat.stop()  # a's beats would hide the test; only the big frame's bytes flow
     frame = encode_data_frame(a.handle, parked, -1, 0, encode_cbor(b"x" * (8 << 20)))
@@ -120,9 +136,9 @@ def test_a_silent_peer_is_still_dropped_and_its_calls_fail() -> None:
     parked = b.spawn(Parked())
     d = a.call(parked, "x", timeout=30)
     clock.advance(0)
-    b_link = b.router.peers[1].link
+    b_link = link_of(b, 1)
     assert b_link is not None and b_link.transport is not None
-    b_link.transport.connection.pause()  # nothing flows either way, no close
+    transport_of(b_link).connection.pause()  # nothing flows either way, no close
     for _ in range(40):
         clock.advance(0.1)
     assert "silent" in str(failure_of(d, Exception).value)

@@ -8,15 +8,21 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
 from skyproto.errors import HarborDown, QueueFull
+from skyproto.interfaces import IHarborLink
 from skyproto.node.peer import Peer, PeerCore
 
 STATES = ("idle", "dialing", "handshaking", "up", "backoff", "removed")
 
 
+@implementer(IHarborLink)
 class FakeLink:
     def __init__(self, incarnation: int = 1) -> None:
+        self.local_harbor = 1
+        self.up = True
+        self.retired = False
         self.peer_harbor = 2
         self.peer_incarnation = incarnation
         self.frames: list[tuple[bytes, bool]] = []
@@ -27,6 +33,13 @@ class FakeLink:
         if self.fail_writes:
             raise ConnectionError("transport gone")
         self.frames.append((frame, must))
+
+    def send_data(self, source: int, destination: int, session: int, ptype: int,
+                  payload: Any) -> None:
+        raise AssertionError("the peer machine sends encoded frames only")
+
+    def retire(self, reason: str) -> None:
+        self.retired = True
 
     def close(self, reason: str) -> None:
         self.closed.append(reason)

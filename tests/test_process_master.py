@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from twisted.internet import reactor
 from skyproto.auth import load_secret
 from skyproto.node.node import Node
 
-from .processes import daemons, wait_for, wait_for_line
+from .processes import daemons, run_twistd, wait_for, wait_for_line
 
 __all__ = ["daemons"]
 
@@ -111,3 +113,37 @@ async def test_registration_refusal_reuse_and_master_kill(daemons):
         assert reply == "late joiner calls old node"
     finally:
         await driver.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_node_takes_its_id_over_and_a_refused_one_exits_with_one_line(daemons):
+    secret = daemons.secret
+    master = daemons("skymaster", "--listen", "tcp:0:interface=127.0.0.1",
+                     "--secret-file", str(secret), name="master")
+    port = int((await wait_for_line(master, r"skymaster listening on tcp:127\.0\.0\.1:(\d+)"))
+               .group(1))
+    master_at = f"tcp:127.0.0.1:{port}"
+    args = ["--master", master_at, "--secret-file", str(secret), "--no-mapper"]
+
+    alpha = daemons("skynode", "--harbor", "1", "--name", "alpha", *args, name="alpha")
+    await wait_for_line(alpha, r"joined the master .* as harbor 1")
+    # Frozen (like a hung process or a dead host): its master connection stays open, silent.
+    alpha.process.send_signal(signal.SIGSTOP)
+    try:
+        again = daemons("skynode", "--harbor", "1", "--name", "alpha", *args, name="alpha2")
+        await wait_for_line(again, r"joined the master .* as harbor 1", timeout=TIMEOUT)
+        assert again.process.poll() is None
+        assert master.search(r"harbor 1 \(alpha@\S+\) waits up to")
+        assert master.search(r"harbor 1 left: harbor 1 silent for")
+    finally:
+        alpha.kill()  # SIGKILL ends a stopped process too
+
+    # Refused for a real reason: exit status 1 and one line on the real stderr.
+    result = run_twistd("skynode", "--harbor", "1", "--name", "impostor", *args,
+                        cwd=daemons.workdir)
+    assert result.returncode == 1, result.stdout[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.fullmatch(rf"skynode: error: the master at {re.escape(master_at)} refused this "
+                        r"node: harbor 1 is held by live node alpha@\S+ \(incarnation \d+\)",
+                        lines[0]), lines[0]

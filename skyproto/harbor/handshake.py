@@ -37,7 +37,7 @@ class PeerIdentity:
     harbor: int
     incarnation: int
     #: the heartbeat timing both sides use (the slower side's)
-    timing: HeartbeatTiming = HeartbeatTiming()
+    timing: HeartbeatTiming = attrs.field(factory=HeartbeatTiming)
 
 
 @attrs.frozen
@@ -82,7 +82,7 @@ class LinkHandshake:
     expect_harbor: int | None = None
     nonce: bytes = attrs.field(factory=new_nonce, repr=False)
     #: this side's heartbeat timing, told to the peer
-    timing: HeartbeatTiming = HeartbeatTiming()
+    timing: HeartbeatTiming = attrs.field(factory=HeartbeatTiming)
     _hello: LinkHello | None = attrs.field(default=None, init=False)
     done: bool = attrs.field(default=False, init=False)
 

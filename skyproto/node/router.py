@@ -254,7 +254,7 @@ class Router:
         # replies from it (reading is how they come; stopping would deadlock both sides).
         if not self.pending_to(harbor) and isinstance(link, HarborLink):
             self._unread.add(link)
-            link.pauseProducing()
+            link.pauseProducing()  # type: ignore[no-untyped-call]
 
     def link_drained(self, link: IHarborLink) -> None:
         self._read_again(link)
@@ -346,6 +346,6 @@ class Router:
         self.stopping = True
         for link in list(self.links):
             if link.transport is not None:
-                link.transport.abortConnection()
+                link.transport.abortConnection()  # type: ignore[attr-defined]
         for peer in list(self.peers.values()):
             peer.inputs.remove("node crashed")

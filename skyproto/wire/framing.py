@@ -198,7 +198,7 @@ class FrameProtocol(IntNStringReceiver):
 
     def resumeProducing(self) -> None:
         if self.drop_reason is None:  # a dropped connection never reads again
-            super().resumeProducing()
+            super().resumeProducing()  # type: ignore[no-untyped-call]
 
     def drop(self, reason: str, quiet: bool = False) -> None:
         """Abort this connection (only this one), logging why; later frames are ignored.
