@@ -71,7 +71,10 @@ SERVER_HARBOR = 2
 CLIENT_HARBOR = 1
 LOCAL_HARBOR = 3
 WINDOW = 100  #: calls kept outstanding by the pipelined figures
-ONEWAY_BATCH = 1000  #: one-way messages between two counter calls
+ONEWAY_BATCH = 1000  #: one-way messages between two counter calls (at most)
+#: bytes of one-way messages between two counter calls: one-way sends are refused with
+#: QueueFull once a link holds 8 MiB for a slow peer, so batches are sized in bytes too
+ONEWAY_BATCH_BYTES = 2 * 1024 * 1024
 ONEWAY_WINDOWS = 2  #: counter calls allowed unanswered
 START_TIMEOUT = 15.0  #: seconds for a server to print its port, or a link to come up
 DRAIN_TIMEOUT = 15.0  #: seconds past a figure's end for its outstanding calls to finish
@@ -476,13 +479,14 @@ class OneWayLoad:
 
     def _batch(self) -> None:
         send, counter, payload = self.node.send, self.counter, self.payload
+        batch = max(1, min(ONEWAY_BATCH, ONEWAY_BATCH_BYTES // max(1, len(payload))))
         try:
-            for _ in range(ONEWAY_BATCH):
+            for _ in range(batch):
                 send(counter, payload)
         except Exception as e:  # a refused one-way message is a failure too
             self._fail(1, f"node.send: {type(e).__name__}: {e}")
             return
-        self.sent += ONEWAY_BATCH
+        self.sent += batch
         self.unanswered += 1
         d = self.node.call(counter, None)
         d.addCallbacks(self._counted, self._failed, callbackArgs=(self.sent,))

@@ -117,8 +117,9 @@ class MapperOptions(OneLineOptions):
     optParameters = [
         ["listen", None, None,
          "Endpoint to listen on (default tcp:$ERL_EPMD_PORT or tcp:4369, on 127.0.0.1)."],
-        ["packet-timeout", None, 60.0,
-         "Seconds an idle, unregistered connection may stay open.", _positive_float],
+        ["packet-timeout", None, 60,
+         "Whole seconds an idle, unregistered connection may stay open (like epmd's "
+         "-packet_timeout; at least 1).", _positive_int],
     ]
     optFlags = [
         ["relaxed-command-check", None,

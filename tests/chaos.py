@@ -2,8 +2,8 @@
 
 Everything runs over the ``loopback:`` transport on a ``twisted.internet.task.Clock`` (a
 heap-ordered subclass of it, :class:`HeapClock`), and every random choice (the schedule here;
-inside skyproto, the router's and master client's retry jitter and each node's first session
-id) comes from ``random.Random(seed)``, so a seed replays exactly.
+inside skyproto, each node's injected ``rng``: retry jitter, reconnect jitter, its first
+session id) comes from ``random.Random(seed)``, so a seed replays exactly.
 
 A killed node is a crash: its port stops listening, its master client stops, every one of its
 connections is cut, and its router's timers and connects in flight are cancelled (a dead
@@ -19,12 +19,11 @@ node calls every other one. See :meth:`Chaos.check_step` and :meth:`Chaos.check_
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import heapq
 import itertools
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet.base import DelayedCall
@@ -35,8 +34,6 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-import skyproto.master.client as master_client_module
-import skyproto.node.node as node_module
 from skyproto.address import make_handle
 from skyproto.errors import (
     CallTimeout,
@@ -46,13 +43,13 @@ from skyproto.errors import (
     QueueFull,
     RemoteError,
 )
-from skyproto.harbor.link import HarborLink, HarborLinkFactory
+from skyproto.harbor.link import HarborLink
 from skyproto.master.client import MasterClientProtocol
 from skyproto.master.registry import InMemoryRegistry
 from skyproto.master.server import MasterService
 from skyproto.node.node import Node
 from skyproto.node.service import Service
-from skyproto.transports.loopback import LoopbackClientEndpoint, LoopbackConnection, network_for
+from skyproto.transports.loopback import LoopbackConnection, network_for
 
 SECRET = b"chaos-secret"
 MASTER = "loopback:master"
@@ -131,49 +128,6 @@ def _ignore(call: DelayedCall) -> None:
 
 class ChaosFailure(AssertionError):
     """An invariant broke; the message has the seed, the step, recent steps and the replay."""
-
-
-class _SeededRandomModule:
-    """Stands in for the ``random`` module inside skyproto's router and master client, whose
-    ``random.Random()`` (retry and reconnect jitter) would otherwise be seeded from the OS."""
-
-    def __init__(self, source: random.Random) -> None:
-        self._source = source
-
-    def Random(self, seed: Any = None) -> random.Random:
-        return random.Random(self._source.getrandbits(64) if seed is None else seed)
-
-
-class _SeededSecretsModule:
-    """Stands in for ``secrets`` where skyproto draws non-secret numbers from it (the node's
-    first session id), so that a replay draws the same ones."""
-
-    def __init__(self, source: random.Random) -> None:
-        self._source = source
-
-    def randbelow(self, n: int) -> int:
-        return self._source.randrange(n)
-
-
-@contextlib.contextmanager
-def seeded_internals(source: random.Random) -> Iterator[None]:
-    """Every random choice inside skyproto comes from ``source`` while this is active."""
-    with contextlib.ExitStack() as stack:
-        for module in (master_client_module,):
-            stack.enter_context(_patched(module, "random", _SeededRandomModule(source)))
-        if hasattr(node_module, "secrets"):
-            stack.enter_context(_patched(node_module, "secrets", _SeededSecretsModule(source)))
-        yield
-
-
-@contextlib.contextmanager
-def _patched(target: object, name: str, value: object) -> Iterator[None]:
-    old = getattr(target, name)
-    setattr(target, name, value)
-    try:
-        yield
-    finally:
-        setattr(target, name, old)
 
 
 class ChaosEcho(Service):
@@ -302,8 +256,7 @@ class Chaos:
         observer = cast(ILogObserver, self._observe)
         globalLogPublisher.addObserver(observer)
         try:
-            with seeded_internals(self.internal_rng):
-                self._run()
+            self._run()
         finally:
             globalLogPublisher.removeObserver(observer)
         return self

@@ -432,7 +432,7 @@ class MasterPeer:
              node: str = "alpha@db1") -> list[Any]:
         challenge = self.challenge()
         self.send(Join(self.proof(challenge), harbor, ALPHA_INCARNATION, node,
-                       "tcp:127.0.0.1:7001", names or {}))
+                       "tcp:127.0.0.1:7001", names or {}, 1.0, 3.0))
         return self.received()
 
 
@@ -496,14 +496,14 @@ def test_master_proof_example_matches_a_real_handshake() -> None:
     assert t == master_transcript(MASTER_VERSION, peer.nonce, challenge.nonce)
     assert challenge.proof == proof(MASTER_SECRET, b"master-server", t)
     peer.send(Join(proof(MASTER_SECRET, b"master-node", t), 1, ALPHA_INCARNATION,
-                   "alpha@db1", "tcp:127.0.0.1:7001", {}))
+                   "alpha@db1", "tcp:127.0.0.1:7001", {}, 1.0, 3.0))
     welcome, *_ = peer.received()
     assert isinstance(welcome, Welcome) and welcome.harbor == 1
 
     observer = MasterPeer(peer.service)
     challenge = observer.challenge()
     t = transcript(observer.nonce, challenge.nonce, MASTER_VERSION)
-    observer.send(Observe(proof(MASTER_SECRET, b"master-node", t)))
+    observer.send(Observe(proof(MASTER_SECRET, b"master-node", t), 1.0, 3.0))
     assert observer.received() == []  # nothing answers Observe
     assert observer.connection.state == "observing"
 
@@ -547,10 +547,10 @@ def defaults(function: Any) -> dict[str, Any]:
 def test_master_constants_table() -> None:
     service, client = defaults(MasterService.__init__), defaults(MasterClient.__init__)
     actual: dict[str, Any] = {"master.messages.PROTOCOL_VERSION": MASTER_VERSION}
-    for name in ("heartbeat_interval", "heartbeat_timeout", "handshake_timeout"):
+    for name in ("heartbeat_interval", "heartbeat_timeout", "handshake_timeout", "auto_grace"):
         actual[f"MasterService.{name}"] = service[name]
-    for name in ("heartbeat_interval", "heartbeat_timeout", "request_timeout", "retry_initial",
-                 "retry_max"):
+    for name in ("heartbeat_interval", "heartbeat_timeout", "request_timeout",
+                 "connect_timeout", "retry_initial", "retry_max"):
         actual[f"MasterClient.{name}"] = client[name]
     documented = documented_values("master-constants")
     assert set(documented) == set(actual)
@@ -569,14 +569,22 @@ def test_stated_master_refusals_are_what_the_master_sends() -> None:
     refusals = []
 
     peer = MasterPeer()
-    peer.send(MasterHello(2, peer.nonce))
+    peer.send(MasterHello(MASTER_VERSION + 1, peer.nonce))
     refusals.extend(peer.received())
     assert peer.transport.disconnecting
 
     peer = MasterPeer()
     peer.challenge()
-    peer.send(Join(bytes(32), 1, ALPHA_INCARNATION, "alpha@db1", "tcp:127.0.0.1:7001", {}))
+    peer.send(Join(bytes(32), 1, ALPHA_INCARNATION, "alpha@db1", "tcp:127.0.0.1:7001", {},
+                   1.0, 3.0))
     refusals.extend(peer.received())
+
+    for endpoint, interval in (("tcp:127.0.0.1:7001", 0.0), ("", 1.0)):
+        peer = MasterPeer()
+        challenge = peer.challenge()
+        peer.send(Join(peer.proof(challenge), 1, ALPHA_INCARNATION, "alpha@db1", endpoint, {},
+                       interval, 3.0))
+        refusals.extend(peer.received())
 
     refusals.extend(MasterPeer().join(256))
 
@@ -609,7 +617,7 @@ def test_stated_master_drops_are_what_the_master_logs(events: list[LogEvent]) ->
 
     observer = MasterPeer()
     challenge = observer.challenge()
-    observer.send(Observe(observer.proof(challenge)))
+    observer.send(Observe(observer.proof(challenge), 1.0, 3.0))
     observer.send(BindName(1, "SIMPLEDB", 0x01000002))
 
     assert dropped_reasons(events) == documented
@@ -654,8 +662,8 @@ def test_stated_client_refusals_are_what_the_node_says() -> None:
     rows = table_rows("master-client-refusals")
     documented = [row[1].strip("`") for row in rows[:2]]
     reasons = []
-    for challenge in (MasterChallenge(2, bytes(32), bytes(32)),
-                      MasterChallenge(MASTER_VERSION, bytes(32), bytes(32))):
+    for challenge in (MasterChallenge(MASTER_VERSION + 1, bytes(32), bytes(32), 1.0, 3.0),
+                      MasterChallenge(MASTER_VERSION, bytes(32), bytes(32), 1.0, 3.0)):
         listener = _Listener()
         client = MasterClient(Clock(), "tcp:127.0.0.1:2013", MASTER_SECRET, listener,
                               JoinInfo(1, ALPHA_INCARNATION, "alpha@db1", "tcp:127.0.0.1:7001"))
@@ -697,6 +705,7 @@ def test_stated_name_errors_are_what_the_registry_says() -> None:
 
 def test_stated_order_of_answers_and_pushes() -> None:
     service = MasterService(InMemoryRegistry(), Clock(), MASTER_SECRET)
+    service.clock.advance(service.auto_grace)  # type: ignore[attr-defined]  # no name grace
     alpha, beta = MasterPeer(service), MasterPeer(service)
     welcome, *pushed = alpha.join(1, {"B": 0x01000003, "A": 0x01000002})
     assert isinstance(welcome, Welcome) and welcome.table.sequence == 3

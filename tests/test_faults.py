@@ -52,8 +52,8 @@ BETA_RELAY = 0x02000002
 DRIVER = 9
 NAMES = {"ECHO": ALPHA_ECHO, "RELAY": BETA_RELAY}
 INFLIGHT = 20
-#: answered calls that show a load is flowing (each caller answered ten times, about)
-STEADY = 10 * INFLIGHT
+#: answered calls that show a load flowing (each caller answered about fifty times)
+STEADY = 50 * INFLIGHT
 HEARTBEAT_TIMEOUT = 3.0  #: the default --heartbeat-timeout (interval 1 s)
 
 Route = tuple[str, Callable[[str], tuple[int | str, Any]]]

@@ -678,6 +678,15 @@ class RecordingSink:
                     error: Exception) -> None:
         self.events.append(("bad", error))
 
+    def link_congested(self, link: Any) -> None:
+        self.events.append(("congested", link))
+
+    def link_drained(self, link: Any) -> None:
+        self.events.append(("drained", link))
+
+    def link_retired(self, link: Any) -> None:
+        self.events.append(("retired", link))
+
 
 def peer(port: int) -> IPv4Address:
     return IPv4Address("TCP", "127.0.0.1", port)
@@ -700,7 +709,7 @@ def test_harbor_link_acceptor_replies_or_drops(stream, sizes):
         assert not link.up and not sink.events  # nobody gets in without the secret
         clock.advance(LinkConfig(1, 5, SECRET).handshake_timeout)
         assert transport.disconnecting  # at the latest, the handshake timeout drops it
-        assert_dropped_with_a_reason(events, ":40001")
+        assert_dropped_with_a_reason(events, ":40001", "port=40001)")
         link.connectionLost(Failure(ConnectionDone()))
     assert clock.getDelayedCalls() == []  # no timer outlives the connection
     assert not unhandled(events)
@@ -875,10 +884,10 @@ def test_master_connection_replies_or_drops_and_keeps_serving_others(authenticat
         for frame in read_frames(fuzzed.transport.value()):  # whole frames of real messages
             MASTER_CODEC.decode(frame)
         if fuzzed.transport.disconnecting:
-            assert_dropped_with_a_reason(events, ":40002")
+            assert_dropped_with_a_reason(events, ":40002", "port=40002)")
         settle(clock, service.handshake_timeout + service.heartbeat_timeout)
         assert fuzzed.transport.disconnecting  # silent after the fuzz: dropped in time
-        assert_dropped_with_a_reason(events, ":40002")
+        assert_dropped_with_a_reason(events, ":40002", "port=40002)")
         fuzzed.protocol.connectionLost(Failure(ConnectionDone()))
         settle(clock)
         # everyone else: the bystander is still joined, and a newcomer reads the table
@@ -949,7 +958,7 @@ def test_master_client_protocol_replies_or_drops(stage, welcome, stream, sizes):
             assert type(reply).__name__ in {"Join", "Observe", "BindName", "UnbindName",
                                             "LookupName", "GetTable", "MasterHeartbeat"}
         if master.transport.disconnecting:
-            assert_dropped_with_a_reason(events, ":40004", "refused this node")
+            assert_dropped_with_a_reason(events, ":40004", "port=40004)", "refused this node")
         master.protocol.connectionLost(Failure(ConnectionDone()))
         assert not master.client.connected
     assert not unhandled(events)
@@ -1032,7 +1041,7 @@ def test_gate_clients_reply_or_drop(framing, data, sizes):
         for reply in gate_replies(framing, transport.value()):
             assert reply.startswith(REPLY_STARTS), reply
         if transport.disconnecting:
-            assert_dropped_with_a_reason(events, ":40005")
+            assert_dropped_with_a_reason(events, ":40005", "port=40005)")
         client.connectionLost(Failure(ConnectionDone()))
     assert not unhandled(events)
     assert factory.clients == set()  # the client and its agent are gone

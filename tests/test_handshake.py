@@ -6,8 +6,8 @@ from skyproto.errors import AuthenticationFailed, ProtocolError
 from skyproto.harbor.handshake import HandshakeRefused, LinkHandshake, PeerIdentity
 from skyproto.harbor.messages import (
     HARBOR_CODEC,
-    Heartbeat,
     PROTOCOL_VERSION,
+    Heartbeat,
     LinkChallenge,
     LinkHello,
     LinkProof,

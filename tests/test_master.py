@@ -10,9 +10,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
+from skyproto.auth import prove
 from skyproto.errors import HarborDown, MasterUnavailable, NameConflict
 from skyproto.interfaces import IMasterClient, IMasterListener, IMasterService
-from skyproto.auth import prove
 from skyproto.master.messages import (
     MASTER_CODEC,
     MASTER_ROLE,

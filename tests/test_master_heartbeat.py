@@ -37,18 +37,18 @@ def test_a_slow_beating_node_stays_joined_to_a_fast_master():
 def test_the_governing_timing_is_the_slower_one_on_both_ends():
     cluster = Cluster(heartbeat_interval=2.0, heartbeat_timeout=8.0)
     node = cluster.node(1, heartbeat_interval=1.0, heartbeat_timeout=3.0)
-    protocol = node.master.protocol  # type: ignore[union-attr]
+    protocol = node.master.protocol
     assert protocol is not None
     assert (protocol._heartbeat.interval, protocol._heartbeat.timeout) == (2.0, 8.0)
     session = cluster.master.joined[1]
     protocol.transport.connection.pause()
     for _ in range(int(7.5 / 0.05)):
         cluster.clock.advance(0.05)
-    assert node.master.connected  # type: ignore[union-attr]
+    assert node.master.connected
     for _ in range(20):
         cluster.clock.advance(0.05)
     # 8 s of silence: dropped on both ends (and the node is back on a new connection)
-    assert session.state == "closed" and node.master.protocol is not protocol  # type: ignore[union-attr]
+    assert session.state == "closed" and node.master.protocol is not protocol
 
 
 def test_a_large_frame_arriving_slowly_keeps_the_node_alive_at_the_master():

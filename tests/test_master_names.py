@@ -14,7 +14,12 @@ from .test_master import Cluster
 def waiting(d) -> bool:
     """True while ``d`` has no result (chained Deferreds count as called too early)."""
     box: list[object] = []
-    d.addBoth(lambda result: (box.append(result), result)[1])
+
+    def record(result: object) -> object:
+        box.append(result)
+        return result
+
+    d.addBoth(record)
     return not box
 
 
@@ -101,3 +106,16 @@ def test_names_registered_before_joining_are_claimed_after_the_welcome():
     assert registry.lookup("MINE") == hb and registry.lookup("TAKEN") == ha
     assert "TAKEN" not in b.names and b.global_names() == {"MINE": hb}
     assert b.resolve("TAKEN") == ha
+
+
+def test_a_name_unbound_while_it_waits_for_the_grace_is_never_granted():
+    cluster = Cluster(settled=False)
+    a = cluster.node(1)
+    handle = a.spawn(Echo(), ".db")
+    registering = a.register_name("DB", handle)
+    cluster.settle(0.5)
+    a.kill(handle)  # unregisters DB before the master granted it
+    cluster.settle(2.0)
+    assert "unbound before it was granted" in str(failure_of(registering, NameConflict).value)
+    assert cluster.master.registry.lookup("DB") is None
+    assert "DB" not in a.names and a.global_names() == {}

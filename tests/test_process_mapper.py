@@ -71,7 +71,8 @@ def test_second_mapper_on_a_taken_port_exits_0_like_epmd(tmp_path):
     ("args", "env", "message"),
     [
         (["--bogus"], {}, "option --bogus not recognized"),
-        (["--packet-timeout", "0"], {}, "0 is not a positive number"),
+        (["--packet-timeout", "0"], {}, "0 is not a positive integer"),
+        (["--packet-timeout", "0.5"], {}, "invalid literal"),
         ([], {"ERL_EPMD_PORT": "http"}, "ERL_EPMD_PORT must be a port number"),
         (["--listen", "nope:1"], {}, "bad listen endpoint"),
     ],

@@ -58,13 +58,15 @@ async def test_registration_refusal_reuse_and_master_kill(daemons):
 
     alpha = node("1", "alpha", "echo")
     await wait_for_line(alpha, r"joined the master .* as harbor 1")
-    beta = node("auto", "beta", "relay")
-    await wait_for_line(beta, r"joined the master .* as harbor 2")
+    beta = node("auto", "beta", "relay")  # auto ids come from the top: 255
+    await wait_for_line(beta, r"joined the master .* as harbor 255\b")
 
-    table = status(port, secret)
+    # names are granted once the master's start-up grace (2 s) is over
+    table = await wait_for(lambda: (t := status(port, secret))["names"] and len(t["names"]) == 2
+                           and t, "both names")
     assert [(h["id"], h["name"].split("@")[0], h["up"]) for h in table["harbors"]] == [
-        (1, "alpha", True), (2, "beta", True)]
-    assert table["names"] == {"ECHO": 0x01000002, "RELAY": 0x02000002}
+        (1, "alpha", True), (255, "beta", True)]
+    assert table["names"] == {"ECHO": 0x01000002, "RELAY": 0xFF000002}
 
     # A second node claiming live harbor 1 is refused and exits 1 with one clear line.
     impostor = node("1", "impostor")
@@ -78,8 +80,8 @@ async def test_registration_refusal_reuse_and_master_kill(daemons):
     driver.listen("tcp:0:interface=127.0.0.1")
     driver.join_master(master_at, "driver@test", "tcp:127.0.0.1:1")
     try:
-        await wait_for(lambda: registered(driver)[0] == [1, 2, 9], "the driver's table")
-        reply = await driver.call(0x02000002, ["ECHO", "beta relays to alpha"])
+        await wait_for(lambda: registered(driver)[0] == [1, 9, 255], "the driver's table")
+        reply = await driver.call(0xFF000002, ["ECHO", "beta relays to alpha"])
         assert reply == "beta relays to alpha"
 
         # kill -9 a node: its id is free at once for its next incarnation.
@@ -92,24 +94,24 @@ async def test_registration_refusal_reuse_and_master_kill(daemons):
 
         # kill -9 the master: calls between nodes go on; everyone re-registers on restart.
         master.kill()
-        reply = await driver.call(0x02000002, [0x01000002, "no master needed"])
+        reply = await driver.call(0xFF000002, [0x01000002, "no master needed"])
         assert reply == "no master needed"
         master = daemons("skymaster", "--listen", f"tcp:{port}:interface=127.0.0.1",
                          "--secret-file", str(secret), name="master2")
         await wait_for_line(master, r"skymaster listening")
         restarted = time.monotonic()
         await wait_for(lambda: sorted(h["id"] for h in status(port, secret)["harbors"]) ==
-                       [1, 2, 9], "every node to re-register", timeout=15)
+                       [1, 9, 255], "every node to re-register", timeout=15)
         rejoin_seconds = time.monotonic() - restarted
         assert rejoin_seconds < 3.0, f"re-registration took {rejoin_seconds:.2f} s"
         print(f"every node re-registered {rejoin_seconds:.2f} s after the restart")
-        assert status(port, secret)["names"] == {"ECHO": 0x01000002, "RELAY": 0x02000002}
+        assert status(port, secret)["names"] == {"ECHO": 0x01000002, "RELAY": 0xFF000002}
 
         # A node started after the restart reaches the old node by its global name.
         gamma = node("auto", "gamma", "relay")
-        await wait_for_line(gamma, r"joined the master .* as harbor 3")
-        await wait_for_line(gamma, r"RELAY.*already taken by :02000002")
-        reply = await driver.call(0x03000002, ["ECHO", "late joiner calls old node"])
+        await wait_for_line(gamma, r"joined the master .* as harbor 254\b")
+        await wait_for_line(gamma, r"RELAY.*already taken by :ff000002")
+        reply = await driver.call(0xFE000002, ["ECHO", "late joiner calls old node"])
         assert reply == "late joiner calls old node"
     finally:
         await driver.stop()

@@ -264,7 +264,7 @@ class MasterClient:
         retry_max: float = 1.0,
         max_frame: int = DEFAULT_MAX_FRAME,
         rng: random.Random | None = None,
-        connect_timeout: float | None = None,
+        connect_timeout: float = 5.0,
         on_name_refused: NameRefused | None = None,
     ) -> None:
         self.reactor = reactor
@@ -286,7 +286,7 @@ class MasterClient:
         self.on_name_refused = on_name_refused
         self.request_timeout = request_timeout
         #: each attempt (connect and handshake) must be done within this many seconds
-        self.connect_timeout = request_timeout if connect_timeout is None else connect_timeout
+        self.connect_timeout = connect_timeout
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.timing = HeartbeatTiming(heartbeat_interval, heartbeat_timeout)

@@ -43,8 +43,8 @@ class MasterChallenge:
     version: int
     nonce: bytes
     proof: bytes
-    heartbeat_interval: float
-    heartbeat_timeout: float
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
 
 
 @MASTER_CODEC.message(3)
@@ -63,8 +63,8 @@ class Join:
     node: str
     endpoint: str
     names: dict[str, int]
-    heartbeat_interval: float
-    heartbeat_timeout: float
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
 
 
 @MASTER_CODEC.message(4)
@@ -73,8 +73,8 @@ class Observe:
     """Node -> master: its proof, to read the table without joining (``skyproto status``)."""
 
     proof: bytes
-    heartbeat_interval: float
-    heartbeat_timeout: float
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
 
 
 @MASTER_CODEC.message(5)

@@ -133,8 +133,12 @@ class _Session:
 
 
 def _kind(reason: str) -> str:
-    return reason.split(":", 1)[0] if reason.startswith("protocol error") else (
-        "handshake timeout" if reason.startswith("no handshake") else "dropped")
+    """The counter a pre-auth drop goes to."""
+    if reason.startswith("protocol error"):
+        return "protocol error"
+    if reason.startswith("no handshake"):
+        return "handshake timeout"
+    return "dropped"
 
 
 def _build_session_machine() -> Callable[[_Session], _SessionInputs]:
@@ -245,8 +249,11 @@ def _build_session_machine() -> Callable[[_Session], _SessionInputs]:
             else:
                 service.answer_bind(s, message.request, message.name, message.handle)
         elif isinstance(message, UnbindName):
-            service.answer(s, message.request,
-                           lambda: service.registry.unbind(message.name, s.harbor))
+            if service.withdraw(s, message.name):
+                s.send(Reply(message.request, "", 0))
+            else:
+                service.answer(s, message.request,
+                               lambda: service.registry.unbind(message.name, s.harbor))
         elif isinstance(message, LookupName | GetTable):
             read(c, s, message)
         else:
@@ -364,6 +371,14 @@ class MasterConnection(FrameProtocol):
     @property
     def harbor(self) -> int:
         return self.session.harbor
+
+    @property
+    def incarnation(self) -> int:
+        return self.session.incarnation
+
+    @property
+    def node(self) -> str:
+        return self.session.node
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -548,6 +563,16 @@ class MasterService(Factory):
         self._held.append(_HeldBind(connection, message.request, message.name, message.handle))
         if self._grace_timer is None:
             self._grace_timer = self.clock.callLater(self.name_grace_left(), self._grace_over)
+
+    def withdraw(self, s: _Session, name: str) -> bool:
+        """An UnbindName for a name this session still waits for: forget the wait."""
+        mine = [h for h in self._held if h.connection is s.connection and h.name == name]
+        if not mine:
+            return False
+        self._held = [h for h in self._held if h not in mine]
+        for item in mine:
+            s.send(Reply(item.request, f"name {name} was unbound before it was granted", 0))
+        return True
 
     def names_granted(self) -> None:
         """A join bound names: held-back requests for names now held are answered now."""

@@ -250,7 +250,7 @@ class Node:
             names_to_assert=held, request_timeout=request_timeout,
             heartbeat_interval=self.config.heartbeat_interval,
             heartbeat_timeout=self.config.heartbeat_timeout, max_frame=self.config.max_frame,
-            on_name_refused=self.membership.name_refused)
+            on_name_refused=self.membership.name_refused, rng=self.rng)
         self.master.start()
         return self.master
 
