@@ -67,3 +67,10 @@ async def test_the_documented_command_runs_the_greeter_behind_a_gate(daemons):
     await wait_for_line(node, r"joined the master")
     replies = await deferToThread(talk, int(gate.group(1)), ["GREET ann", "HELLO"])
     assert replies == ["nobody called ann", "ERROR usage: GREET <key>"]
+
+
+def test_the_testing_example_runs_as_printed():
+    text = (Path(__file__).parent.parent / "docs" / "services.md").read_text()
+    match = re.search(r"<!-- example: testing -->\s*```python\n(.+?)```", text, re.S)
+    assert match, "docs/services.md lost its testing example"
+    exec(compile(match.group(1), "docs/services.md:testing", "exec"), {})

@@ -25,6 +25,7 @@ from skyproto.interfaces import IMapperClient
 from skyproto.mapper.client import MapperClient, MapperRegistration, RegistrationRefusedError
 from skyproto.mapper.epmd import Alive2Response, Alive2XResponse, NamesResponse, Port2Response
 from skyproto.mapper.server import MapperServerFactory
+from skyproto.testing import wait_for
 
 LOCAL = IPv4Address("TCP", "127.0.0.1", 40000)
 HOST = IPv4Address("TCP", "127.0.0.1", 4369)
@@ -409,12 +410,8 @@ async def stop(listening: IListeningPort) -> None:
 async def until(predicate: Any, seconds: float = 5) -> None:
     """Wait (polling every 10 ms on the reactor) until ``predicate()`` is true."""
     from twisted.internet import reactor
-    from twisted.internet.task import deferLater
 
-    deadline = reactor.seconds() + seconds
-    while not predicate():
-        assert reactor.seconds() < deadline, "condition not met in time"
-        await deferLater(reactor, 0.01)
+    await wait_for(predicate, "the condition", seconds, clock=reactor, interval=0.01)
 
 
 @pytest_twisted.ensureDeferred

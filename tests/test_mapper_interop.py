@@ -23,6 +23,7 @@ from twisted.internet.task import deferLater
 from skyproto.mapper.client import MapperClient, RegistrationRefusedError
 from skyproto.mapper.epmd import NamesResponse, Port2Response
 from skyproto.mapper.server import MapperServerFactory
+from skyproto.testing import wait_for
 
 from .erlang import (
     Processes,
@@ -81,10 +82,7 @@ def within(d: Deferred[_T], seconds: float = 30) -> Deferred[_T]:
 
 async def until(predicate: Callable[[], bool], seconds: float = 30, what: str = "") -> None:
     """Poll ``predicate`` every 50 ms on the reactor until it holds or the deadline passes."""
-    deadline = reactor().seconds() + seconds
-    while not predicate():
-        assert reactor().seconds() < deadline, f"timed out waiting for {what or predicate}"
-        await deferLater(reactor(), 0.05)
+    await wait_for(predicate, what or "the condition", seconds, clock=reactor(), interval=0.05)
 
 
 async def listen_mapper(**options: Any) -> tuple[MapperServerFactory, IListeningPort]:
