@@ -12,9 +12,9 @@ from __future__ import annotations
 import inspect
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from unittest.mock import Mock
 
 import attrs
@@ -24,7 +24,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -443,17 +443,6 @@ def dropped_reasons(events: list[LogEvent]) -> list[str]:
         if match:
             found.append(match.group(1))
     return found
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    captured: list[LogEvent] = []
-    observer = cast(ILogObserver, captured.append)
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield captured
-    finally:
-        globalLogPublisher.removeObserver(observer)
 
 
 def test_master_frame_example_is_what_the_master_pushes() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import random
-from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -24,7 +23,7 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -243,17 +242,6 @@ class Rig:
         assert all(port.stopped for port in self.ports)
         if self.started is not None:
             self.started.addErrback(lambda _: None)  # checked by the test, if it cares
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    captured: list[LogEvent] = []
-    observer = cast(ILogObserver, captured.append)
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield captured
-    finally:
-        globalLogPublisher.removeObserver(observer)
 
 
 def failure_of(d: Deferred[Any]) -> BaseException:

@@ -12,7 +12,7 @@ import random
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
@@ -20,7 +20,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString
 from twisted.internet.error import DNSLookupError
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 from twisted.python.failure import Failure
 
 from skyproto.endpoints import (
@@ -144,17 +144,6 @@ def host() -> Iterator[Host]:
 
 def log_lines(events: list[LogEvent]) -> list[str]:
     return [formatEvent(event) for event in events]
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    captured: list[LogEvent] = []
-    observer = cast(ILogObserver, captured.append)
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield captured
-    finally:
-        globalLogPublisher.removeObserver(observer)
 
 
 # --------------------------------------------------------------------------- pure helpers

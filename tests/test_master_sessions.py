@@ -3,15 +3,15 @@ event, an exception never leaves a session stuck, and pre-auth failures do not f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from automat import NoTransition
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
 
 from skyproto.master.client import JoinInfo, MasterClient, MasterClientProtocol
@@ -29,18 +29,6 @@ from skyproto.master.server import MasterService
 from .cluster import SECRET
 from .test_master import FakeMaster, MasterPeer, framed
 from .test_master_timeouts import Listener
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    captured: list[LogEvent] = []
-    observer = cast(ILogObserver, captured.append)
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield captured
-    finally:
-        globalLogPublisher.removeObserver(observer)
-
 
 # --- the master's sessions -------------------------------------------------------------
 
