@@ -18,26 +18,24 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, TypeVar
 
-from skyproto.auth import prove, verify
 from skyproto.harbor.handshake import LinkHandshake
 from skyproto.harbor.messages import HARBOR_CODEC, LinkChallenge
 from skyproto.mapper.epmd import NamesResponse, decode_names_reply
+from skyproto.master.handshake import Authenticated, NodeHandshake
 from skyproto.master.messages import (
     MASTER_CODEC,
-    MASTER_ROLE,
-    NODE_ROLE,
     PROTOCOL_VERSION,
     GetTable,
     MasterChallenge,
     MasterHello,
-    Observe,
     Table,
     TableReply,
-    transcript,
 )
 from skyproto.testing import wait_until
+from skyproto.wire.heartbeat import HeartbeatTiming
 
 from .processes import Daemon
+from .sealed import Wire
 
 T = TypeVar("T")
 HOST: Final = "127.0.0.1"
@@ -171,6 +169,12 @@ def recv_frame(sock: socket.socket, timeout: float = IO_TIMEOUT) -> bytes:
     return recv_exactly(sock, size, timeout)
 
 
+def recv_frame_raw(sock: socket.socket, timeout: float = IO_TIMEOUT) -> bytes:
+    """One frame with its length prefix, as it came (a sealed record, for a :class:`Wire`)."""
+    head = recv_exactly(sock, 4, timeout)
+    return head + recv_exactly(sock, struct.unpack(">I", head)[0], timeout)
+
+
 def open_many(port: int, count: int, pid: int, first: bytes = b"", batch: int = 40,
               timeout: float = 30.0, slack: int = 4) -> list[socket.socket]:
     """``count`` connections to ``port``, each sending ``first``, all held open.
@@ -294,23 +298,22 @@ def mapper_names(port: int) -> NamesResponse:
 def master_table(port: int, secret: bytes) -> Table:
     """Authenticate to the master as an observer (``skyproto status``'s way) and read the
     table; also checks the master's proof of the secret."""
+    handshake = NodeHandshake(secret, HeartbeatTiming(), None)
+    wire = Wire(MASTER_CODEC)
     with connect(port) as sock:
-        nonce = os.urandom(32)
-        sock.sendall(framed(MASTER_CODEC.encode(MasterHello(PROTOCOL_VERSION, nonce))))
+        sock.sendall(wire.encode(handshake.start()))
         challenge = MASTER_CODEC.decode(recv_frame(sock))
         assert isinstance(challenge, MasterChallenge)
-        text = transcript(PROTOCOL_VERSION, nonce, challenge.nonce)
-        assert verify(secret, MASTER_ROLE, text, challenge.proof)
-        # the master's own heartbeat timing: this observer reads the table and goes
-        observe = Observe(prove(secret, NODE_ROLE, text), challenge.heartbeat_interval,
-                          challenge.heartbeat_timeout)
-        sock.sendall(framed(MASTER_CODEC.encode(observe))
-                     + framed(MASTER_CODEC.encode(GetTable(1))))
+        step = handshake.receive(challenge)
+        assert isinstance(step.outcome, Authenticated), step.outcome  # the master's proof
+        assert step.keys is not None
+        wire.seal(step.keys, initiator=True)
+        sock.sendall(b"".join(wire.encode(m) for m in (*step.sealed, GetTable(1))))
         while True:
-            reply: Any = MASTER_CODEC.decode(recv_frame(sock))
-            if isinstance(reply, TableReply):
-                table: Table = reply.table
-                return table
+            for reply in wire.decode(recv_frame_raw(sock)):
+                if isinstance(reply, TableReply):
+                    table: Table = reply.table
+                    return table
 
 
 def harbor_challenge(port: int, secret: bytes, expect_harbor: int) -> LinkChallenge:

@@ -51,7 +51,7 @@ from skyproto.node.node import Node
 from skyproto.node.service import Service
 from skyproto.transports.loopback import LoopbackConnection, network_for
 
-SECRET = b"chaos-secret"
+SECRET = b"chaos-secret-sixteen"
 MASTER = "loopback:master"
 #: the only ways a call may fail
 ALLOWED = (CallTimeout, HarborDown, NoSuchService, RemoteError, MasterUnavailable, QueueFull,

@@ -13,7 +13,7 @@ from skyproto.node.service import Service
 from skyproto.testing import settle
 from skyproto.transports.loopback import network_for
 
-SECRET = b"test-secret"
+SECRET = b"test-secret-sixteen"
 
 
 class Collector(Service):

@@ -43,7 +43,6 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublish
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from skyproto.auth import prove, verify
 from skyproto.errors import NoSuchService, ProtocolError
 from skyproto.gate import GateConfig, GateFactory
 from skyproto.harbor.link import HarborLink, LinkConfig
@@ -83,9 +82,6 @@ from skyproto.mapper.extra import MapperExtra, decode_extra, encode_extra
 from skyproto.master.client import JoinInfo, MasterClient, MasterClientProtocol
 from skyproto.master.messages import (
     MASTER_CODEC,
-    MASTER_ROLE,
-    NODE_ROLE,
-    PROTOCOL_VERSION,
     GetTable,
     HarborJoined,
     HarborRecord,
@@ -95,7 +91,6 @@ from skyproto.master.messages import (
     Observe,
     TableReply,
     Welcome,
-    transcript,
 )
 from skyproto.master.registry import InMemoryRegistry, Table
 from skyproto.master.server import MasterService
@@ -112,6 +107,7 @@ from skyproto.wire.codec import (
 )
 
 from .cluster import SECRET, mesh, result_of
+from .sealed import MasterNodeSide, Wire, master_challenge
 
 FUZZ = settings(
     derandomize=True,
@@ -768,7 +764,10 @@ def test_harbor_link_after_the_handshake_replies_or_drops_and_others_are_served(
         settle(clock)
         link = two.router.peers[1].link
         assert isinstance(link, HarborLink) and link.up
-        stream = before + (bad or b"") + after
+        # Sealed by harbor 1's own sealer, as one record: the fuzz reaches the frame layer.
+        sender = one.router.peers[2].link
+        assert isinstance(sender, HarborLink) and sender._sealer is not None
+        stream = sender._sealer.seal(before + (bad or b"") + after)
         feed(link, link.transport, stream, sizes, between=lambda: clock.advance(0))
         if bad is None:
             assert not link.transport.disconnecting and link.up
@@ -824,22 +823,28 @@ class MasterPeer:
         self.protocol = service.buildProtocol(peer(port))
         self.transport = StringTransport(peerAddress=peer(port))
         self.protocol.makeConnection(self.transport)
+        self.wire = Wire(MASTER_CODEC)
 
     def send(self, message: object) -> None:
-        self.protocol.dataReceived(framed(MASTER_CODEC.encode(message)))
+        self.protocol.dataReceived(self.wire.encode(message))
 
     def replies(self) -> list[Any]:
-        frames = read_frames(self.transport.value())
+        data = self.transport.value()
         self.transport.clear()
-        return [MASTER_CODEC.decode(frame) for frame in frames]
+        return self.wire.decode(data)
 
     def authenticate(self, then: Callable[[bytes], object]) -> None:
-        nonce = b"n" * 32
-        self.send(MasterHello(PROTOCOL_VERSION, nonce))
+        side = MasterNodeSide(SECRET, seed=b"n" * 32)
+        self.send(side.hello())
         (challenge,) = self.replies()
         assert isinstance(challenge, MasterChallenge)
-        text = transcript(PROTOCOL_VERSION, nonce, challenge.nonce)
-        self.send(then(prove(SECRET, NODE_ROLE, text)))
+        keys, proof = side.answer(challenge)
+        self.wire.seal(keys, initiator=True)
+        self.send(then(proof))
+
+    def seal(self, stream: bytes) -> bytes:
+        """After authentication the fuzz travels in one sealed record, as a node's would."""
+        return self.wire.sealer.seal(stream) if self.wire.sealer is not None else stream
 
 
 def master_with_a_joined_node() -> tuple[Clock, MasterService, Node]:
@@ -880,9 +885,9 @@ def test_master_connection_replies_or_drops_and_keeps_serving_others(authenticat
         fuzzed = MasterPeer(service, 40002)
         if authenticate is not None:
             fuzzed.authenticate(authenticate)
-        feed(fuzzed.protocol, fuzzed.transport, stream, sizes, between=lambda: clock.advance(0))
-        for frame in read_frames(fuzzed.transport.value()):  # whole frames of real messages
-            MASTER_CODEC.decode(frame)
+        feed(fuzzed.protocol, fuzzed.transport, fuzzed.seal(stream), sizes,
+             between=lambda: clock.advance(0))
+        fuzzed.replies()  # whole frames of real messages (records open)
         if fuzzed.transport.disconnecting:
             assert_dropped_with_a_reason(events, ":40002", "port=40002)")
         settle(clock, service.handshake_timeout + service.heartbeat_timeout)
@@ -916,26 +921,28 @@ class FakeMaster:
         self.protocol = MasterClientProtocol(self.client)
         self.transport = StringTransport(peerAddress=peer(40004))
         self.protocol.makeConnection(self.transport)
+        self.wire = Wire(MASTER_CODEC)
         (hello,) = self.replies()
         assert isinstance(hello, MasterHello)
-        self.node_nonce = hello.nonce
+        self.hello = hello
 
     def replies(self) -> list[Any]:
-        frames = read_frames(self.transport.value())
+        data = self.transport.value()
         self.transport.clear()
-        return [MASTER_CODEC.decode(frame) for frame in frames]
+        return self.wire.decode(data)
 
     def send(self, message: object) -> None:
-        self.protocol.dataReceived(framed(MASTER_CODEC.encode(message)))
+        self.protocol.dataReceived(self.wire.encode(message))
+
+    def seal(self, stream: bytes) -> bytes:
+        return self.wire.sealer.seal(stream) if self.wire.sealer is not None else stream
 
     def challenge(self) -> None:
-        nonce = b"m" * 32
-        proof = prove(SECRET, MASTER_ROLE, transcript(PROTOCOL_VERSION, self.node_nonce, nonce))
-        self.send(MasterChallenge(PROTOCOL_VERSION, nonce, proof))
-        (answer,) = self.replies()
+        keys, challenge = master_challenge(SECRET, self.hello, seed=b"m" * 32)
+        self.send(challenge)
+        self.wire.seal(keys, initiator=False)
+        (answer,) = self.replies()  # sealed: it opened, so the node has the same keys
         assert isinstance(answer, Join | Observe)
-        text = transcript(PROTOCOL_VERSION, self.node_nonce, nonce)
-        assert verify(SECRET, NODE_ROLE, text, answer.proof)
 
 
 welcomes = message_strategy(Welcome, st.sampled_from(ENDPOINTS)).map(
@@ -953,7 +960,7 @@ def test_master_client_protocol_replies_or_drops(stage, welcome, stream, sizes):
         if stage == "welcomed":
             master.send(welcome)
             assert master.client.connected
-        feed(master.protocol, master.transport, stream, sizes)
+        feed(master.protocol, master.transport, master.seal(stream), sizes)
         for reply in master.replies():  # only what a node may send to its master
             assert type(reply).__name__ in {"Join", "Observe", "BindName", "UnbindName",
                                             "LookupName", "GetTable", "MasterHeartbeat"}

@@ -122,6 +122,8 @@ def test_a_large_frame_arriving_slowly_is_a_sign_of_life() -> None:
     assert isinstance(a_link, HarborLink) and isinstance(b_link, HarborLink)
     a_link._heartbeat.stop()  # a's beats would hide the test; only the big frame's bytes flow
     frame = encode_data_frame(a.handle, parked, -1, 0, encode_cbor(b"x" * (8 << 20)))
+    assert a_link._sealer is not None
+    frame = a_link._sealer.seal(frame)  # one record, as a's own write would be
     piece = len(frame) // 100
     for i in range(100):  # 8 MiB over 6 s
         b_link.dataReceived(frame[i * piece:(i + 1) * piece])

@@ -10,19 +10,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
-from skyproto.auth import prove
 from skyproto.errors import HarborDown, MasterUnavailable, NameConflict
 from skyproto.interfaces import IMasterClient, IMasterListener, IMasterService
 from skyproto.master.messages import (
     MASTER_CODEC,
-    MASTER_ROLE,
-    NODE_ROLE,
-    PROTOCOL_VERSION,
     Join,
     MasterChallenge,
     MasterHello,
     Welcome,
-    transcript,
 )
 from skyproto.master.registry import (
     HarborJoined,
@@ -36,26 +31,13 @@ from skyproto.node.node import Node
 from skyproto.services import Echo
 
 from .cluster import SECRET, Parked, failure_of, network, result_of
+from .sealed import MasterNodeSide, Wire, master_challenge
 
 
 def build(cls: Any, **fields: Any) -> Any:
     """A message with the fields its class has (the heartbeat fields are new in version 2)."""
     names = {f.name for f in attrs.fields(cls)}
     return cls(**{name: value for name, value in fields.items() if name in names})
-
-
-def frames(data: bytes) -> list[Any]:
-    messages = []
-    while data:
-        length = int.from_bytes(data[:4], "big")
-        messages.append(MASTER_CODEC.decode(data[4:4 + length]))
-        data = data[4 + length:]
-    return messages
-
-
-def framed(message: object) -> bytes:
-    body = MASTER_CODEC.encode(message)
-    return len(body).to_bytes(4, "big") + body
 
 
 class MasterPeer:
@@ -66,24 +48,30 @@ class MasterPeer:
         self.connection = service.buildProtocol(None)
         self.transport = StringTransport()
         self.connection.makeConnection(self.transport)
-        self.nonce = bytes(range(32))
+        self.wire = Wire(MASTER_CODEC)
 
     def send(self, message: object) -> None:
-        self.connection.dataReceived(framed(message))
+        self.connection.dataReceived(self.wire.encode(message))
 
     def received(self) -> list[Any]:
         data = self.transport.value()
         self.transport.clear()
-        return frames(data)
+        return self.wire.decode(data)
+
+    def authenticate(self, secret: bytes = SECRET) -> tuple[MasterChallenge, bytes]:
+        """Hello, then the challenge: seals this side and returns the proof to send."""
+        side = MasterNodeSide(secret)
+        self.send(side.hello())
+        challenge, = self.received()
+        assert isinstance(challenge, MasterChallenge)
+        keys, proof = side.answer(challenge)
+        self.wire.seal(keys, initiator=True)
+        return challenge, proof
 
     def join(self, harbor: int, node: str = "n1@test", incarnation: int = 7,
              secret: bytes = SECRET, names: dict[str, int] | None = None,
              interval: float = 1.0, timeout: float = 3.0) -> list[Any]:
-        self.send(MasterHello(PROTOCOL_VERSION, self.nonce))
-        challenge, = self.received()
-        assert isinstance(challenge, MasterChallenge)
-        proof = prove(secret, NODE_ROLE, transcript(PROTOCOL_VERSION, self.nonce,
-                                                    challenge.nonce))
+        _, proof = self.authenticate(secret)
         self.send(build(Join, proof=proof, harbor=harbor, incarnation=incarnation, node=node,
                         endpoint=f"tcp:127.0.0.1:{7000 + harbor}", names=names or {},
                         heartbeat_interval=interval, heartbeat_timeout=timeout))
@@ -100,21 +88,21 @@ class FakeMaster:
         self.protocol = MasterClientProtocol(client)
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
+        self.wire = Wire(MASTER_CODEC)
         hello, = self.received()
         assert isinstance(hello, MasterHello)
-        nonce = b"m" * 32
-        proof = prove(SECRET, MASTER_ROLE, transcript(PROTOCOL_VERSION, hello.nonce, nonce))
-        self.send(build(MasterChallenge, version=PROTOCOL_VERSION, nonce=nonce, proof=proof,
-                        heartbeat_interval=interval, heartbeat_timeout=timeout))
+        keys, challenge = master_challenge(SECRET, hello, interval, timeout)
+        self.send(challenge)
+        self.wire.seal(keys, initiator=False)
         self.join, = self.received()
 
     def send(self, message: object) -> None:
-        self.protocol.dataReceived(framed(message))
+        self.protocol.dataReceived(self.wire.encode(message))
 
     def received(self) -> list[Any]:
         data = self.transport.value()
         self.transport.clear()
-        return frames(data)
+        return self.wire.decode(data)
 
     def welcome(self, harbor: int = 1) -> None:
         from skyproto.master.registry import Table
@@ -287,7 +275,7 @@ def test_a_live_harbor_id_is_refused_with_the_reason_and_nothing_changes():
 def test_wrong_secret_is_refused_and_nothing_registered():
     cluster = Cluster()
     cluster.node(1)
-    cluster.node(2, secret=b"not the secret")
+    cluster.node(2, secret=b"not the secret, 16+")
     assert "authentication failed" in cluster.refusals[2][0]
     assert [r.harbor for r in cluster.master.registry.snapshot().harbors] == [1]
 

@@ -46,8 +46,12 @@ def run(node: NodeHandshake, master: MasterHandshake) -> tuple[Step, Step, Step]
     challenged = master.receive(node.start())
     assert len(challenged.send) == 1
     answered = node.receive(challenged.send[0])
-    decided = master.receive(answered.send[0]) if answered.send else Step()
+    assert not answered.send  # the node's answer travels sealed
+    decided = master.receive(answered.sealed[0]) if answered.sealed else Step()
     return challenged, answered, decided
+
+
+A_KEY = NodeHandshake(SECRET, HeartbeatTiming(), None).start().key
 
 
 def test_a_join_authenticates_both_sides_and_names_the_node():
@@ -56,7 +60,7 @@ def test_a_join_authenticates_both_sides_and_names_the_node():
     challenge = challenged.send[0]
     assert isinstance(challenge, MasterChallenge) and challenge.version == PROTOCOL_VERSION
     assert answered.outcome == Authenticated(HeartbeatTiming(1.0, 3.0), observing=False)
-    join = answered.send[0]
+    join = answered.sealed[0]
     assert isinstance(join, Join)
     assert (join.harbor, join.incarnation, join.node, join.names) == (
         1, 10, "alpha@db1", {"DB": 0x01000002})
@@ -70,7 +74,7 @@ def test_a_join_authenticates_both_sides_and_names_the_node():
 def test_an_observer_authenticates_without_joining():
     node, master = pair(join=None)
     _, answered, decided = run(node, master)
-    assert isinstance(answered.send[0], Observe)
+    assert isinstance(answered.sealed[0], Observe)
     assert answered.outcome == Authenticated(HeartbeatTiming(1.0, 3.0), observing=True)
     assert decided.outcome == ObserveRequest(HeartbeatTiming(1.0, 3.0))
     assert node.done and master.done
@@ -87,11 +91,29 @@ def test_the_slower_timing_governs_both_sides():
 
 
 def test_a_wrong_secret_is_caught_by_the_node_first():
-    node, master = pair(node_secret=b"another secret")
+    node, master = pair(node_secret=b"another secret, 16+")
     _, answered, _ = run(node, master)
     assert answered == Step(outcome=Refusal(
         "authentication failed: the master does not know our cluster secret", False))
     assert node.done
+
+
+def test_both_sides_derive_the_same_keys_and_seal_from_the_challenge_on():
+    node, master = pair()
+    challenged, answered, _ = run(node, master)
+    assert challenged.keys is not None and challenged.keys == answered.keys
+    other_node, other_master = pair()
+    again, _, _ = run(other_node, other_master)
+    assert again.keys != challenged.keys  # fresh keys every connection
+
+
+def test_the_challenge_timing_is_covered_by_the_proof():
+    # A relay that rewrites the master's heartbeat timing breaks the master's proof.
+    node, master = pair()
+    challenge = master.receive(node.start()).send[0]
+    altered = MasterChallenge(challenge.version, challenge.key, challenge.proof, 60.0, 600.0)
+    assert node.receive(altered).outcome == Refusal(
+        "authentication failed: the master does not know our cluster secret", False)
 
 
 def test_the_master_refuses_a_wrong_proof():
@@ -144,11 +166,14 @@ def test_messages_out_of_place_are_protocol_errors():
     master = MasterHandshake(SECRET, HeartbeatTiming())
     with pytest.raises(ProtocolError, match="expected MasterHello, got GetTable"):
         master.receive(GetTable(1))
-    with pytest.raises(ProtocolError, match="bad nonce"):
+    with pytest.raises(ProtocolError, match="key of 5 bytes"):
         master.receive(MasterHello(PROTOCOL_VERSION, b"short"))
-    master.receive(MasterHello(PROTOCOL_VERSION, bytes(32)))
-    with pytest.raises(ProtocolError, match="expected Join or Observe, got MasterHello"):
+    with pytest.raises(ProtocolError, match="not a usable X25519"):
         master.receive(MasterHello(PROTOCOL_VERSION, bytes(32)))
+    master = MasterHandshake(SECRET, HeartbeatTiming())
+    master.receive(MasterHello(PROTOCOL_VERSION, A_KEY))
+    with pytest.raises(ProtocolError, match="expected Join or Observe, got MasterHello"):
+        master.receive(MasterHello(PROTOCOL_VERSION, A_KEY))
     node, master = pair()
     run(node, master)
     with pytest.raises(ProtocolError, match="unexpected GetTable"):

@@ -14,7 +14,7 @@ from skyproto.master.registry import HarborLeft, HarborRecord, InMemoryRegistry,
 from skyproto.master.server import MasterService
 
 from .cluster import SECRET
-from .test_master import Cluster, MasterPeer, framed
+from .test_master import Cluster, MasterPeer
 from .test_master_timeouts import Listener
 
 
@@ -56,7 +56,7 @@ def test_a_large_frame_arriving_slowly_keeps_the_node_alive_at_the_master():
     service = MasterService(InMemoryRegistry(), clock, SECRET, auto_grace=0)
     peer = MasterPeer(service)
     peer.join(1)
-    data = framed(LookupName(1, "N" * 60_000))
+    data = peer.wire.encode(LookupName(1, "N" * 60_000))
     pieces = [data[i:i + 6_000] for i in range(0, len(data), 6_000)]
     for piece in pieces:  # 11 s for one frame; the timeout is 3 s
         clock.advance(1.0)
@@ -78,7 +78,7 @@ def test_a_large_frame_arriving_slowly_keeps_the_master_alive_at_the_node():
     request = master.received()[-1].request
     records = tuple(HarborRecord(h, f"n{h}@test", "tcp:127.0.0.1:7" + "0" * 300, 1, 0.0)
                     for h in range(1, 200))
-    data = framed(TableReply(request, Table(1, records, {})))
+    data = master.wire.encode(TableReply(request, Table(1, records, {})))
     pieces = [data[i:i + 5_000] for i in range(0, len(data), 5_000)]
     assert len(pieces) >= 10
     for piece in pieces:

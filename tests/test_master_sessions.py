@@ -27,18 +27,13 @@ from skyproto.master.registry import InMemoryRegistry, Joined, NameBound, Table
 from skyproto.master.server import MasterService
 
 from .cluster import SECRET
-from .test_master import FakeMaster, MasterPeer, framed
+from .test_master import FakeMaster, MasterPeer
 from .test_master_timeouts import Listener
 
 # --- the master's sessions -------------------------------------------------------------
 
 def observe(peer: MasterPeer) -> None:
-    from skyproto.auth import prove
-    from skyproto.master.messages import NODE_ROLE, transcript
-
-    peer.send(MasterHello(PROTOCOL_VERSION, peer.nonce))
-    challenge, = peer.received()
-    proof = prove(SECRET, NODE_ROLE, transcript(PROTOCOL_VERSION, peer.nonce, challenge.nonce))
+    _, proof = peer.authenticate()
     peer.send(Observe(proof, 1.0, 3.0))
 
 
@@ -120,15 +115,16 @@ def test_failures_before_authentication_are_counted_and_logged_at_debug_only(eve
     clock = Clock()
     service = MasterService(InMemoryRegistry(), clock, SECRET)
     for _ in range(10):
-        MasterPeer(service).connection.dataReceived(framed(GetTable(1)))  # garbage
+        garbage = MasterPeer(service)
+        garbage.connection.dataReceived(garbage.wire.encode(GetTable(1)))
     for _ in range(10):
-        MasterPeer(service).join(1, secret=b"not the secret")
+        MasterPeer(service).join(1, secret=b"not the secret, 16+")
     for _ in range(10):
         MasterPeer(service)  # says nothing
     clock.advance(service.handshake_timeout)
     loud = [formatEvent(e) for e in events if e.get("log_level") != LogLevel.debug]
     assert loud == []
-    assert service.preauth_failures == {"protocol error": 10, "refused": 10,
+    assert service.preauth_failures == {"protocol error": 10, "authentication failed": 10,
                                         "handshake timeout": 10}
     joined = MasterPeer(service)
     joined.join(1)

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..address import harbor_of
+from ..auth import check_secret
 from ..errors import AuthenticationFailed, FrameTooLarge, HarborDown, ProtocolError, QueueFull
 from ..interfaces import IHarborLink, IMessageSink
 from ..wire.codec import (
@@ -55,7 +56,7 @@ class LinkConfig:
 
     harbor: int
     incarnation: int
-    secret: bytes = attrs.field(repr=False)
+    secret: bytes = attrs.field(repr=False, converter=check_secret)
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0
     handshake_timeout: float = 5.0
@@ -75,6 +76,7 @@ class HarborLink(FrameProtocol):
         dialer: bool,
         expect_harbor: int | None = None,
         registry: set[HarborLink] | None = None,
+        expect_incarnation: int | None = None,
     ) -> None:
         super().__init__(config.max_frame, config.max_outbound, HANDSHAKE_MAX_FRAME)
         self.registry = registry
@@ -92,7 +94,7 @@ class HarborLink(FrameProtocol):
         timing = HeartbeatTiming(config.heartbeat_interval, config.heartbeat_timeout)
         self._handshake = LinkHandshake(
             config.secret, config.harbor, config.incarnation, dialer, expect_harbor,
-            timing=timing,
+            timing=timing, expect_incarnation=expect_incarnation,
         )
         self._timer: IDelayedCall | None = None
         self._heartbeat = HeartbeatTimer(clock, timing.interval, timing.timeout,
@@ -160,6 +162,18 @@ class HarborLink(FrameProtocol):
             raise ProtocolError("data before the handshake")
         else:
             raise ProtocolError(f"unknown frame kind {frame[0]}")
+
+    def plain_frame_before_sealed(self, frame: bytes) -> None:
+        # The peer refused our proof before it had keys: it says so in the clear.
+        try:
+            message = (HARBOR_CODEC.decode(frame[1:])
+                       if frame and frame[0] == FrameKind.CONTROL else None)
+        except ProtocolError:
+            message = None
+        if isinstance(message, LinkRefused):
+            self._control_received(message)
+        else:
+            super().plain_frame_before_sealed(frame)
 
     def _misrouted(self, source: int, destination: int) -> None:
         if harbor_of(source) != self.peer_harbor:
@@ -281,6 +295,9 @@ class HarborLink(FrameProtocol):
         for reply in step.send:
             self._send_control(reply)
         if step.peer is not None:
+            keys = step.peer.keys
+            assert keys is not None
+            self.start_sealing(keys, initiator=self.dialer)
             self.peer_harbor = step.peer.harbor
             self.peer_incarnation = step.peer.incarnation
             self.up = True
@@ -339,8 +356,9 @@ class HarborLinkFactory(Factory):
     dialer: bool = False
     expect_harbor: int | None = None
     registry: set[HarborLink] | None = None
+    expect_incarnation: int | None = None
 
     def buildProtocol(self, addr: object) -> HarborLink:
         return HarborLink(self.config, self.sink, self.clock, self.dialer, self.expect_harbor,
-                          self.registry)
+                          self.registry, self.expect_incarnation)
 

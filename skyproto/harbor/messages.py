@@ -9,7 +9,8 @@ import attrs
 from ..wire.codec import MessageCodec
 
 #: 2: hello and challenge carry each side's heartbeat timing; LinkRetired
-PROTOCOL_VERSION: Final = 2
+#: 3: X25519 keys instead of nonces; everything after LinkProof is sealed
+PROTOCOL_VERSION: Final = 3
 
 HARBOR_CODEC = MessageCodec("harbor")
 
@@ -17,12 +18,12 @@ HARBOR_CODEC = MessageCodec("harbor")
 @HARBOR_CODEC.message(1)
 @attrs.frozen
 class LinkHello:
-    """Dialer -> acceptor: who I am, and a fresh nonce for the acceptor to prove on."""
+    """Dialer -> acceptor: who I am, and a fresh X25519 public key (also the nonce)."""
 
     version: int
     harbor: int
     incarnation: int
-    nonce: bytes
+    key: bytes
     #: how often this side beats and how long a silence it tolerates (the slower side governs)
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0
@@ -31,12 +32,12 @@ class LinkHello:
 @HARBOR_CODEC.message(2)
 @attrs.frozen
 class LinkChallenge:
-    """Acceptor -> dialer: who I am, my nonce, and my proof of the secret."""
+    """Acceptor -> dialer: who I am, my fresh X25519 public key, and my proof."""
 
     version: int
     harbor: int
     incarnation: int
-    nonce: bytes
+    key: bytes
     proof: bytes
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0
@@ -45,7 +46,7 @@ class LinkChallenge:
 @HARBOR_CODEC.message(3)
 @attrs.frozen
 class LinkProof:
-    """Dialer -> acceptor: the dialer's proof of the secret; the link is up after it."""
+    """Dialer -> acceptor: the dialer's proof; the link is up, and sealed, after it."""
 
     proof: bytes
 

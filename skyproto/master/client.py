@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..auth import check_secret
 from ..errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -154,6 +155,10 @@ class MasterClientProtocol(FrameProtocol):
         if not self.handshake.done or isinstance(message, Refused):
             step = self.handshake.receive(message)
             for reply in step.send:
+                self.send(reply)
+            if step.keys is not None:
+                self.start_sealing(step.keys, initiator=True)
+            for reply in step.sealed:
                 self.send(reply)
             outcome = step.outcome
             if isinstance(outcome, Refusal):
@@ -278,7 +283,7 @@ class MasterClient:
         else:
             self.endpoint_description = type(endpoint).__name__
             inner = endpoint
-        self.secret = secret
+        self.secret = check_secret(secret)
         self.listener = listener
         self.join = join
         #: the global names the node holds now (granted or only claimed)

@@ -2,18 +2,21 @@
 
 ```
 node                                                         master
-  MasterHello(version, nonce_n)                         ->   version, nonce checked
-                        <-   MasterChallenge(version, nonce_m, proof_m, heartbeat timing)
-  version, proof_m checked
-  Join(proof_n, who, names, heartbeat timing) or Observe(proof_n, heartbeat timing)  ->
+  MasterHello(version, key_n)                           ->   version, key checked
+                        <-   MasterChallenge(version, key_m, proof_m, heartbeat timing)
+  version, proof_m checked                                   (both sides now seal)
+  [Join(proof_n, who, names, heartbeat timing) or Observe(proof_n, heartbeat timing)]  ->
                                                              proof_n, timing, endpoint checked
-                        <-   Welcome(...) or Refused(reason)   (the master's registry decides)
+                        <-   [Welcome(...) or Refused(reason)]  (the master's registry decides)
 ```
 
-Each side's ``receive`` returns a :class:`Step`: the messages to send and, when there is
-one, the outcome (:class:`JoinRequest`, :class:`ObserveRequest`, :class:`Authenticated`,
-:class:`Welcomed` or :class:`Refusal`). Both sides then beat at the governing timing, the
-slower side's (:meth:`HeartbeatTiming.governing`). A malformed or misplaced message raises
+``[...]`` is sealed: keys come from the X25519 exchange of ``key_n`` and ``key_m`` and the
+stretched secret, bound to the transcript (:mod:`skyproto.wire.seal`), as on harbor links.
+Each side's ``receive`` returns a :class:`Step`: the messages to send, the keys to seal
+with from then on, the messages to send sealed and, when there is one, the outcome
+(:class:`JoinRequest`, :class:`ObserveRequest`, :class:`Authenticated`, :class:`Welcomed`
+or :class:`Refusal`). Both sides then beat at the governing timing, the slower side's
+(:meth:`HeartbeatTiming.governing`). A malformed or misplaced message raises
 :class:`ProtocolError` (the adapter drops the connection, with no ``Refused``).
 """
 
@@ -26,9 +29,10 @@ from typing import Final
 import attrs
 
 from ..address import HARBOR_MAX
-from ..auth import NONCE_SIZE, new_nonce, prove, verify
+from ..auth import cluster_key, new_nonce, prove, verify
 from ..errors import ProtocolError
 from ..wire.heartbeat import HeartbeatTiming
+from ..wire.seal import Ephemeral, SessionKeys, derive_keys
 from .messages import (
     MASTER_ROLE,
     NODE_ROLE,
@@ -46,6 +50,8 @@ from .messages import (
 MAX_ENDPOINT: Final = 1024
 #: the slowest heartbeat timing either side accepts (seconds)
 MAX_HEARTBEAT: Final = 3600.0
+#: the protocol label in the key derivation
+KDF_PROTOCOL: Final = b"master"
 
 
 @attrs.frozen
@@ -101,10 +107,25 @@ Outcome = JoinRequest | ObserveRequest | Authenticated | Welcomed | Refusal
 
 @attrs.frozen
 class Step:
-    """What the adapter must do after a message: send these, and act on the outcome."""
+    """What the adapter must do after a message: send ``send``; then, with ``keys``, seal
+    both directions from now on and send ``sealed``; then act on the outcome."""
 
     send: tuple[object, ...] = ()
     outcome: Outcome | None = None
+    keys: SessionKeys | None = attrs.field(default=None, eq=False, repr=False)
+    sealed: tuple[object, ...] = ()
+
+
+class _Keys:
+    """One side's key material for one handshake: the stretched secret and an X25519 pair."""
+
+    def __init__(self, secret: bytes, seed: bytes) -> None:
+        self.cluster_key = cluster_key(secret)
+        self.ephemeral = Ephemeral(seed)
+
+    def derive(self, peer_key: bytes, transcript: bytes) -> SessionKeys:
+        return derive_keys(self.cluster_key, self.ephemeral.shared(peer_key), KDF_PROTOCOL,
+                           transcript)
 
 
 def peer_timing(interval: float, timeout: float) -> HeartbeatTiming | None:
@@ -126,15 +147,21 @@ class MasterHandshake:
 
     secret: bytes = attrs.field(repr=False)
     timing: HeartbeatTiming
-    nonce: bytes = attrs.field(factory=new_nonce, repr=False)
-    _node_nonce: bytes | None = attrs.field(default=None, init=False, repr=False)
+    #: 32 random bytes this handshake's X25519 key is made from
+    seed: bytes = attrs.field(factory=new_nonce, repr=False)
+    _keys: _Keys = attrs.field(init=False, repr=False)
+    _session: SessionKeys | None = attrs.field(default=None, init=False, repr=False)
+    _transcript: bytes = attrs.field(default=b"", init=False, repr=False)
     done: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._keys = _Keys(self.secret, self.seed)
 
     def receive(self, message: object) -> Step:
         """Advance on one message from the node."""
         if self.done:
             raise ProtocolError(f"unexpected {_name(message)}")
-        if self._node_nonce is None:
+        if self._session is None:
             return self._on_hello(message)
         return self._on_proof(message)
 
@@ -144,17 +171,20 @@ class MasterHandshake:
         if message.version != PROTOCOL_VERSION:
             return self._refuse(f"protocol version {message.version} is not supported "
                                 f"(the master speaks {PROTOCOL_VERSION})", False)
-        if len(message.nonce) != NONCE_SIZE:
-            raise ProtocolError("bad nonce")
-        self._node_nonce = message.nonce
-        proof = prove(self.secret, MASTER_ROLE, self._transcript())
-        return Step(send=(MasterChallenge(PROTOCOL_VERSION, self.nonce, proof,
-                                          self.timing.interval, self.timing.timeout),))
+        mine = self.timing
+        text = transcript(PROTOCOL_VERSION, message.key, self._keys.ephemeral.public,
+                          mine.interval, mine.timeout)
+        keys = self._keys.derive(message.key, text)
+        self._session, self._transcript = keys, text
+        proof = prove(keys.confirm, MASTER_ROLE, text)
+        return Step(send=(MasterChallenge(PROTOCOL_VERSION, self._keys.ephemeral.public, proof,
+                                          mine.interval, mine.timeout),), keys=keys)
 
     def _on_proof(self, message: object) -> Step:
         if not isinstance(message, Join | Observe):
             raise ProtocolError(f"expected Join or Observe, got {_name(message)}")
-        if not verify(self.secret, NODE_ROLE, self._transcript(), message.proof):
+        assert self._session is not None
+        if not verify(self._session.confirm, NODE_ROLE, self._transcript, message.proof):
             return self._refuse("authentication failed: wrong cluster secret", False)
         theirs = peer_timing(message.heartbeat_interval, message.heartbeat_timeout)
         if theirs is None:
@@ -174,10 +204,6 @@ class MasterHandshake:
         self.done = True
         return Step(send=(Refused(reason),), outcome=Refusal(reason, authenticated))
 
-    def _transcript(self) -> bytes:
-        assert self._node_nonce is not None
-        return transcript(PROTOCOL_VERSION, self._node_nonce, self.nonce)
-
 
 @attrs.define
 class NodeHandshake:
@@ -187,13 +213,18 @@ class NodeHandshake:
     timing: HeartbeatTiming
     join: JoinInfo | None
     names: Callable[[], Mapping[str, int]] = dict
-    nonce: bytes = attrs.field(factory=new_nonce, repr=False)
+    #: 32 random bytes this handshake's X25519 key is made from
+    seed: bytes = attrs.field(factory=new_nonce, repr=False)
+    _keys: _Keys = attrs.field(init=False, repr=False)
     _proven: bool = attrs.field(default=False, init=False)
     done: bool = attrs.field(default=False, init=False)
 
+    def __attrs_post_init__(self) -> None:
+        self._keys = _Keys(self.secret, self.seed)
+
     def start(self) -> MasterHello:
         """The first message, sent as soon as the connection is made."""
-        return MasterHello(PROTOCOL_VERSION, self.nonce)
+        return MasterHello(PROTOCOL_VERSION, self._keys.ephemeral.public)
 
     def receive(self, message: object) -> Step:
         """Advance on one message from the master (``Refused`` ends it at any time)."""
@@ -219,8 +250,10 @@ class NodeHandshake:
         if message.version != PROTOCOL_VERSION:
             return self._refuse(f"the master speaks protocol {message.version}, "
                                 f"this node {PROTOCOL_VERSION}")
-        text = transcript(PROTOCOL_VERSION, self.nonce, message.nonce)
-        if not verify(self.secret, MASTER_ROLE, text, message.proof):
+        text = transcript(PROTOCOL_VERSION, self._keys.ephemeral.public, message.key,
+                          message.heartbeat_interval, message.heartbeat_timeout)
+        keys = self._keys.derive(message.key, text)
+        if not verify(keys.confirm, MASTER_ROLE, text, message.proof):
             return self._refuse("authentication failed: the master does not know our "
                                 "cluster secret")
         theirs = peer_timing(message.heartbeat_interval, message.heartbeat_timeout)
@@ -230,16 +263,16 @@ class NodeHandshake:
                                 f"{message.heartbeat_timeout:g} s")
         self._proven = True
         timing = self.timing.governing(theirs)
-        proof = prove(self.secret, NODE_ROLE, text)
+        proof = prove(keys.confirm, NODE_ROLE, text)
         mine = self.timing
         if self.join is None:
             self.done = True
-            return Step(send=(Observe(proof, mine.interval, mine.timeout),),
+            return Step(keys=keys, sealed=(Observe(proof, mine.interval, mine.timeout),),
                         outcome=Authenticated(timing, observing=True))
         info = self.join
         join = Join(proof, info.harbor, info.incarnation, info.node, info.endpoint,
                     dict(self.names()), mine.interval, mine.timeout)
-        return Step(send=(join,), outcome=Authenticated(timing, observing=False))
+        return Step(keys=keys, sealed=(join,), outcome=Authenticated(timing, observing=False))
 
     def _refuse(self, reason: str) -> Step:
         self.done = True

@@ -1,7 +1,7 @@
 """The master protocol's messages: handshake, join, pushed events, requests and replies.
 
 Encoded by :data:`MASTER_CODEC` (a CBOR array ``[code, field, ...]``), one per frame. The
-registry's own event and table classes travel as they are.
+registry's own event and table classes (:mod:`.records`) travel as they are.
 """
 
 from __future__ import annotations
@@ -12,36 +12,43 @@ from typing import Final
 import attrs
 
 from ..wire.codec import MessageCodec
-from .registry import HarborJoined, HarborLeft, HarborRecord, NameBound, NameUnbound, Table
+from .records import HarborJoined, HarborLeft, HarborRecord, NameBound, NameUnbound, Table
 
 #: 2: the handshake carries each side's heartbeat timing (MasterChallenge, Join, Observe)
-PROTOCOL_VERSION: Final = 2
+#: 3: X25519 keys instead of nonces; Join/Observe and everything after them sealed
+PROTOCOL_VERSION: Final = 3
 MASTER_CODEC = MessageCodec("master")
 NODE_ROLE: Final = b"master-node"
 MASTER_ROLE: Final = b"master-server"
 
 
-def transcript(version: int, node_nonce: bytes, master_nonce: bytes) -> bytes:
-    """What both proofs of the master handshake cover."""
-    return node_nonce + master_nonce + struct.pack(">H", version)
+_TRANSCRIPT_TAIL: Final = struct.Struct(">Hdd")
+
+
+def transcript(version: int, node_key: bytes, master_key: bytes,
+               heartbeat_interval: float, heartbeat_timeout: float) -> bytes:
+    """What both proofs of the master handshake cover: both keys, the version, and the
+    master's heartbeat timing (the node's travels sealed, in its Join or Observe)."""
+    return node_key + master_key + _TRANSCRIPT_TAIL.pack(version, heartbeat_interval,
+                                                         heartbeat_timeout)
 
 
 @MASTER_CODEC.message(1)
 @attrs.frozen
 class MasterHello:
-    """Node -> master: protocol version and a fresh nonce."""
+    """Node -> master: protocol version and a fresh X25519 public key (also the nonce)."""
 
     version: int
-    nonce: bytes
+    key: bytes
 
 
 @MASTER_CODEC.message(2)
 @attrs.frozen
 class MasterChallenge:
-    """Master -> node: its nonce, its proof of the secret, and its heartbeat timing."""
+    """Master -> node: its fresh X25519 key, its proof, and its heartbeat timing."""
 
     version: int
-    nonce: bytes
+    key: bytes
     proof: bytes
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0
@@ -50,7 +57,7 @@ class MasterChallenge:
 @MASTER_CODEC.message(3)
 @attrs.frozen
 class Join:
-    """Node -> master: its proof, then who it is and the global names it holds.
+    """Node -> master, the first sealed record: its proof, who it is, the names it holds.
 
     ``harbor`` 0 asks the master to assign one. ``names`` are the global names a master
     granted the node, re-asserted at every join (so a restarted master gets them back).
@@ -70,7 +77,8 @@ class Join:
 @MASTER_CODEC.message(4)
 @attrs.frozen
 class Observe:
-    """Node -> master: its proof, to read the table without joining (``skyproto status``)."""
+    """Node -> master, sealed: its proof, to read the table without joining
+    (``skyproto status``)."""
 
     proof: bytes
     heartbeat_interval: float = 1.0

@@ -282,11 +282,11 @@ class Router:
                                            for p in self.peers.values()):
             self._endpoints.pop(description, None)
 
-    def link_factory(self, dialer: bool = False,
-                     expect_harbor: int | None = None) -> HarborLinkFactory:
+    def link_factory(self, dialer: bool = False, expect_harbor: int | None = None,
+                     expect_incarnation: int | None = None) -> HarborLinkFactory:
         """A factory for this node's links; every link it builds is kept in ``links``."""
         return HarborLinkFactory(self.config, self, self.clock, dialer, expect_harbor,
-                                 registry=self.links)
+                                 registry=self.links, expect_incarnation=expect_incarnation)
 
     def _dialed_by(self, link: IHarborLink) -> int:
         return self.config.harbor if getattr(link, "dialer", False) else link.peer_harbor
@@ -298,7 +298,10 @@ class Router:
         if self.stopping or peer is None or peer.core is not core or core.endpoint is None:
             raise HarborDown("no longer dialing this harbor")
         inputs = peer.inputs
-        factory = self.link_factory(dialer=True, expect_harbor=core.harbor)
+        # The master says which process is live there: a mapper's answer (or a stale cache)
+        # pointing anywhere else fails the handshake, and the cache entry with it.
+        factory = self.link_factory(dialer=True, expect_harbor=core.harbor,
+                                    expect_incarnation=self.expected_incarnation(core.harbor))
         target = core.endpoint
         resolving: Deferred[str] = (
             self.resolver.resolve_node(target)

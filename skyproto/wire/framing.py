@@ -1,9 +1,15 @@
-"""Length-prefixed frames on Twisted's IntNStringReceiver, with one limit for both ways.
+"""Length-prefixed frames, sealed into records after the handshake, with one size limit.
 
 A frame is a 4-byte big-endian length and that many bytes. Sending a frame over the limit
 raises :class:`FrameTooLarge` at the sender, before anything is written; receiving one
 drops that connection with a logged reason. A frame handler that raises
 :class:`ProtocolError` also drops only its own connection.
+
+Once a handshake has derived keys (:mod:`.seal`), :meth:`FrameProtocol.seal_outbound` and
+:meth:`FrameProtocol.open_inbound` switch each direction to sealed records: every write
+(a frame, or the frames written together) becomes one record, and every record received
+must open, in order, or the connection is dropped. Frames are parsed here rather than by
+Twisted's IntNStringReceiver because the switch can fall in the middle of a read.
 
 Outbound bytes go straight to the transport while it accepts them. Once the transport says
 its buffer is full (it pauses us, as a producer), frames wait in this protocol's own queue,
@@ -22,11 +28,12 @@ from collections import deque
 from typing import Final
 
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.basic import IntNStringReceiver
 from zope.interface import implementer
 
 from ..errors import FrameTooLarge, ProtocolError, QueueFull
+from .seal import RECORD_OVERHEAD, SEALED, Opener, Sealer, SessionKeys
 
 DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
 #: bytes a connection may queue beyond the transport's own buffer before sends fail
@@ -54,12 +61,20 @@ class _Congestion:
         pass
 
 
-class FrameProtocol(IntNStringReceiver):
-    """A protocol that speaks frames; subclasses implement :meth:`frame_received`."""
+_LENGTH_SIZE: Final = LENGTH_PREFIX.size
+_unpack_length = LENGTH_PREFIX.unpack_from
 
-    structFormat = ">I"
-    prefixLength = 4
+
+@implementer(IPushProducer)
+class FrameProtocol(Protocol):
+    """A protocol that speaks frames; subclasses implement :meth:`frame_received`.
+
+    It is also the producer its transport's reader is: :meth:`pauseProducing` stops
+    handling frames (between two frames) until :meth:`resumeProducing`."""
+
     log = Logger()
+    #: reading is paused: frames wait in the buffer
+    paused = False
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME,
                  max_outbound: int = DEFAULT_MAX_OUTBOUND,
@@ -80,6 +95,12 @@ class FrameProtocol(IntNStringReceiver):
         self.congested = False
         #: why :meth:`drop` dropped the connection, for connectionLost to report
         self.drop_reason: str | None = None
+        self._unprocessed = b""
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
+        #: frames of an opened record not handled yet (reading paused in the middle of it)
+        self._opened = b""
+        self._opened_offset = 0
 
     @property
     def max_frame(self) -> int:
@@ -88,6 +109,30 @@ class FrameProtocol(IntNStringReceiver):
     def authenticated(self) -> None:
         """The peer proved the secret: accept frames up to the full limit."""
         self.MAX_LENGTH = self.max_frame_after_auth
+
+    @property
+    def sealed(self) -> bool:
+        """Both directions travel in sealed records."""
+        return self._sealer is not None and self._opener is not None
+
+    def seal_outbound(self, sealer: Sealer) -> None:
+        """From now on every write is one record sealed by ``sealer``."""
+        self._sealer = sealer
+
+    def open_inbound(self, opener: Opener) -> None:
+        """From the next frame on, everything received must be a record ``opener`` opens."""
+        self._opener = opener
+
+    def start_sealing(self, keys: SessionKeys, initiator: bool) -> None:
+        """Seal both directions with a finished handshake's keys (``initiator``: this side
+        spoke first)."""
+        self.seal_outbound(keys.sealer(initiator))
+        self.open_inbound(keys.opener(initiator))
+
+    def _max_record(self) -> int:
+        # Frames written together are joined until they pass WRITE_CHUNK, so a record holds
+        # at most that much plus one largest frame.
+        return self.MAX_LENGTH + 2 * _LENGTH_SIZE + WRITE_CHUNK + RECORD_OVERHEAD
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -118,13 +163,16 @@ class FrameProtocol(IntNStringReceiver):
             )
 
     def write_bytes(self, data: bytes, must: bool = True) -> None:
-        """Write already framed bytes, or queue them while the transport is full."""
+        """Write already framed bytes (as one record once sealed), or queue them while the
+        transport is full."""
+        if not must and (self.transport_full or self._held):
+            self.check_room(len(data))
+        if self._sealer is not None:
+            data = self._sealer.seal(data)
         if not self.transport_full and not self._held:
             assert self.transport is not None
             self.transport.write(data)
             return
-        if not must:
-            self.check_room(len(data))
         self._held.append(data)
         self.held_bytes += len(data)
         if not self.congested and self.held_bytes > self.outbound_mark:
@@ -183,6 +231,75 @@ class FrameProtocol(IntNStringReceiver):
 
     # --- receiving ---------------------------------------------------------------------
 
+    def dataReceived(self, data: bytes) -> None:
+        if self._opened:
+            self._handle_opened()
+        buffer = self._unprocessed + data if self._unprocessed else data
+        offset = 0
+        end = len(buffer)
+        while end - offset >= _LENGTH_SIZE and not self.paused:
+            (length,) = _unpack_length(buffer, offset)
+            opener = self._opener
+            if length > (self.MAX_LENGTH if opener is None else self._max_record()):
+                self._unprocessed = b""
+                self.lengthLimitExceeded(length)
+                return
+            start = offset + _LENGTH_SIZE
+            offset = start + length
+            if offset > end:
+                offset = start - _LENGTH_SIZE
+                break
+            frame = buffer[start:offset]
+            if opener is None:
+                self.stringReceived(frame)
+            else:
+                self._record_received(opener, frame)
+        self._unprocessed = buffer[offset:]
+
+    def _record_received(self, opener: Opener, record: bytes) -> None:
+        if not record or record[0] != SEALED:
+            if opener.records == 0:  # the peer may not have switched yet (a refusal)
+                self.plain_frame_before_sealed(record)
+            else:
+                self.drop("a plain frame on a sealed connection")
+            return
+        try:
+            self._opened = opener.open(record)
+        except ProtocolError as e:
+            self.drop(str(e))
+            return
+        self._opened_offset = 0
+        self._handle_opened()
+
+    def _handle_opened(self) -> None:
+        """Handle the frames of the last opened record, until done or paused."""
+        frames = self._opened
+        offset = self._opened_offset
+        end = len(frames)
+        while offset < end:
+            if self.paused:
+                self._opened_offset = offset
+                return
+            if end - offset < _LENGTH_SIZE:
+                self.drop("a sealed record ends inside a frame length")
+                return
+            (length,) = _unpack_length(frames, offset)
+            if length > self.MAX_LENGTH:
+                self.lengthLimitExceeded(length)
+                return
+            start = offset + _LENGTH_SIZE
+            offset = start + length
+            if offset > end:
+                self.drop("a sealed record ends inside a frame")
+                return
+            self.stringReceived(frames[start:offset])
+        self._opened = b""
+
+    def plain_frame_before_sealed(self, frame: bytes) -> None:
+        """A plain frame where the first sealed record was due: only a refusal the peer sent
+        before it switched is acceptable (subclasses accept it); anything else drops."""
+        self.drop("a plain frame on a sealed connection")
+
     def stringReceived(self, string: bytes) -> None:
         try:
             self.frame_received(string)
@@ -196,9 +313,25 @@ class FrameProtocol(IntNStringReceiver):
     def lengthLimitExceeded(self, length: int) -> None:
         self.drop(f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH} bytes")
 
+    # --- IPushProducer: the reader pauses between frames ----------------------------------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
     def resumeProducing(self) -> None:
-        if self.drop_reason is None:  # a dropped connection never reads again
-            super().resumeProducing()  # type: ignore[no-untyped-call]
+        if self.drop_reason is not None:  # a dropped connection never reads again
+            return
+        self.paused = False
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.dataReceived(b"")
+
+    def stopProducing(self) -> None:
+        self.paused = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def drop(self, reason: str, quiet: bool = False) -> None:
         """Abort this connection (only this one), logging why; later frames are ignored.
@@ -207,7 +340,7 @@ class FrameProtocol(IntNStringReceiver):
         connections and one warning each would let them flood the log."""
         assert self.transport is not None
         self.drop_reason = reason
-        self.paused = True  # stops IntNStringReceiver's loop over frames already buffered
+        self.paused = True  # stops the loop over frames already buffered
         emit = self.log.debug if quiet else self.log.warn
         emit("dropping connection from {peer}: {reason}",
              peer=describe_peer(self.transport), reason=reason)
