@@ -282,7 +282,7 @@ def test_unknown_harbor_fails_at_once():
 def test_wrong_secret_is_refused_and_nothing_links():
     clock = Clock()
     a = make_node(clock, 1)
-    b = make_node(clock, 2, secret=b"another secret")
+    b = make_node(clock, 2, secret=b"another secret, 16+")
     echo = b.spawn(Echo())
     a.add_peer(2, "loopback:h2")
     d = a.call(echo, "x")
@@ -332,7 +332,7 @@ def test_an_impostor_cannot_take_a_live_harbor_id_over_a_link():
 def test_calls_to_a_down_harbor_say_why():
     clock = Clock()
     a = make_node(clock, 1)
-    b = make_node(clock, 2, secret=b"another secret")
+    b = make_node(clock, 2, secret=b"another secret, 16+")
     a.add_peer(2, "loopback:h2")
     clock.advance(0)
     for _ in range(2):  # queued during the dial, and made while waiting to redial
