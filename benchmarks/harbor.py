@@ -262,7 +262,7 @@ def unseal_links(harbor: int | None) -> None:
         if harbor is not None and self.config.harbor != harbor:
             seal(self, keys, initiator)
 
-    HarborLink.start_sealing = start_sealing  # type: ignore[method-assign]
+    HarborLink.start_sealing = start_sealing  # type: ignore[method-assign,assignment]
 
 
 def serve(kind: str) -> int:

@@ -132,7 +132,7 @@ class HarborLink(FrameProtocol):
         self._batch = batch
         self._batch_size = 0
         try:
-            super().dataReceived(data)  # type: ignore[no-untyped-call]
+            super().dataReceived(data)
         finally:
             self._batch = None
             if batch and self.transport is not None:

@@ -145,7 +145,7 @@ class MasterClientProtocol(FrameProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._heartbeat.heard()  # every byte is a sign of life, not just whole frames
-        super().dataReceived(data)  # type: ignore[no-untyped-call]
+        super().dataReceived(data)
 
     def frame_received(self, frame: bytes) -> None:
         message = MASTER_CODEC.decode(frame)
