@@ -183,6 +183,10 @@ async def test_unusable_secret_files_are_one_line_and_exit_1_and_change_nothing(
              "is accessible by others (mode 0644); run: chmod 600"),
             ("skynode", "a directory", tmp_path, "cannot read secret file"),
             ("skynode", "empty", write_secret(workdir / "empty", ""), "is empty"),
+            ("skynode", "too short", write_secret(workdir / "short", "fifteen-bytes!!\n"),
+             "holds 15 bytes; at least 16 are needed"),
+            ("skymaster", "too short", workdir / "short",
+             "holds 15 bytes; at least 16 are needed"),
             ("skymaster", "mode 0644", workdir / "c644",
              "is accessible by others (mode 0644); run: chmod 600"),
         ]
