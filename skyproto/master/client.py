@@ -15,7 +15,7 @@ table, applies pushed events in sequence, and fetches the whole table on a gap.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from automat import TypeMachineBuilder
@@ -98,20 +98,51 @@ class _AttemptFactory:
 
 @implementer(IStreamClientEndpoint)
 class BoundedEndpoint:
-    """Wraps any client endpoint: each connect fails after ``bound`` seconds on ``clock``."""
+    """Connects to one of several masters, the next one at each attempt (a node talks to
+    one at a time and moves on when it loses it); each connect fails after ``bound``
+    seconds on ``clock``."""
 
-    def __init__(self, endpoint: IStreamClientEndpoint, clock: IReactorTime, bound: float,
-                 client: MasterClient) -> None:
-        self.endpoint = endpoint
+    def __init__(self, masters: Sequence[tuple[str, IStreamClientEndpoint]],
+                 clock: IReactorTime, bound: float, client: MasterClient) -> None:
+        if not masters:
+            raise ConfigurationError("no master endpoint given")
+        self.masters = list(masters)
         self.clock = clock
         self.bound = bound
         self._client = client
+        self._next = 0
+        #: the description of the master of the latest attempt
+        self.current = self.masters[0][0]
+
+    @property
+    def endpoint(self) -> IStreamClientEndpoint:
+        """The endpoint the next attempt dials."""
+        return self.masters[self._next % len(self.masters)][1]
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         attempt = self._client._new_attempt()
-        connecting: Deferred[IProtocol] = self.endpoint.connect(
+        self.current, endpoint = self.masters[self._next % len(self.masters)]
+        self._next += 1
+        connecting: Deferred[IProtocol] = endpoint.connect(
             _AttemptFactory(factory, self._client, attempt))
         return connecting.addTimeout(self.bound, self.clock)
+
+
+def _master_endpoints(reactor: Any, endpoint: str | IStreamClientEndpoint | Sequence[str],
+                      ) -> list[tuple[str, IStreamClientEndpoint]]:
+    if isinstance(endpoint, str):
+        descriptions: Sequence[str] = [endpoint]
+    elif isinstance(endpoint, Sequence):
+        descriptions = endpoint
+    else:
+        return [(type(endpoint).__name__, endpoint)]
+    masters = []
+    for description in descriptions:
+        try:
+            masters.append((description, clientFromString(reactor, description)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigurationError(f"bad master endpoint {description!r}: {e}") from None
+    return masters
 
 
 class MasterClientProtocol(FrameProtocol):
@@ -250,14 +281,18 @@ class _ClientInputs(Protocol):
 
 @implementer(IMasterClient)
 class MasterClient:
-    """Keeps one node joined to the master (or, with ``join=None``, just reads the table)."""
+    """Keeps one node joined to the master (or, with ``join=None``, just reads the table).
+
+    ``endpoint`` may list several masters sharing one store: the client talks to one at a
+    time and, when it loses it, joins the next with the same harbor, incarnation and names.
+    """
 
     log = Logger()
 
     def __init__(
         self,
         reactor: Any,
-        endpoint: str | IStreamClientEndpoint,
+        endpoint: str | IStreamClientEndpoint | Sequence[str],
         secret: bytes,
         listener: IMasterListener,
         join: JoinInfo | None = None,
@@ -274,15 +309,7 @@ class MasterClient:
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
-        if isinstance(endpoint, str):
-            self.endpoint_description = endpoint
-            try:
-                inner = clientFromString(reactor, endpoint)
-            except (ValueError, KeyError, TypeError) as e:
-                raise ConfigurationError(f"bad master endpoint {endpoint!r}: {e}") from None
-        else:
-            self.endpoint_description = type(endpoint).__name__
-            inner = endpoint
+        masters = _master_endpoints(reactor, endpoint)
         self.secret = check_secret(secret)
         self.listener = listener
         self.join = join
@@ -299,7 +326,7 @@ class MasterClient:
         self.retry_max = retry_max
         self.max_frame = max_frame
         self.rng = rng or random.Random()
-        self.endpoint = BoundedEndpoint(inner, reactor, self.connect_timeout, self)
+        self.endpoint = BoundedEndpoint(masters, reactor, self.connect_timeout, self)
         self._service = ClientService(
             self.endpoint, _QuietFactory.forProtocol(lambda: MasterClientProtocol(self)),
             retryPolicy=self.retry_delay, clock=reactor)
@@ -330,6 +357,16 @@ class MasterClient:
         self._feed(self._machine.stop)
         stopped: Deferred[None] = self._service.stopService()
         return stopped
+
+    @property
+    def endpoint_description(self) -> str:
+        """The master this client talks to now (or last tried)."""
+        return self.endpoint.current
+
+    @property
+    def masters(self) -> list[str]:
+        """Every master this client may talk to, in the order it tries them."""
+        return [description for description, _ in self.endpoint.masters]
 
     @property
     def connected(self) -> bool:
