@@ -2,16 +2,19 @@
 
 Each example sits in a fenced block after an ``<!-- example: NAME -->`` marker; each
 checked table after a ``<!-- table: NAME -->`` marker. A hex dump line is hex byte pairs
-separated by single spaces, then (after two or more spaces) an annotation. Stated facts
+separated by single spaces, then (after two or more spaces) an annotation. A Python
+example is run and its functions checked against real handshakes and records. Stated facts
 (constants, abort reasons, the type-byte check, error messages) are checked against what
 the code does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 import struct
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from unittest.mock import Mock
 
 import attrs
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
@@ -31,22 +35,26 @@ from zope.interface import implementer
 from skyproto import auth, tap
 from skyproto.address import format_handle, parse_handle
 from skyproto.endpoints import harbor_tcp_port
-from skyproto.errors import NoSuchService, ProtocolError
+from skyproto.errors import ConfigurationError, NoSuchService, ProtocolError
 from skyproto.harbor import link as harbor_link
 from skyproto.harbor.handshake import (
     _IDENTITIES,
+    _TIMINGS,
     ACCEPTOR,
     DIALER,
     LinkHandshake,
     PeerIdentity,
 )
+from skyproto.harbor.handshake import KDF_PROTOCOL as HARBOR_KDF
 from skyproto.harbor.link import HarborLink, LinkConfig
 from skyproto.harbor.messages import (
     HARBOR_CODEC,
     PROTOCOL_VERSION,
     Heartbeat,
     LinkChallenge,
+    LinkHello,
     LinkProof,
+    LinkRefused,
 )
 from skyproto.interfaces import IMasterListener
 from skyproto.mapper import client as mapper_client
@@ -69,6 +77,9 @@ from skyproto.mapper.extra import MapperExtra, decode_extra, encode_extra
 from skyproto.master import client as master_client
 from skyproto.master import server as master_server
 from skyproto.master.client import JoinInfo, MasterClient, MasterClientProtocol
+from skyproto.master.handshake import KDF_PROTOCOL as MASTER_KDF
+from skyproto.master.handshake import MasterHandshake, NodeHandshake
+from skyproto.master.messages import _TRANSCRIPT_TAIL as _MASTER_TAIL
 from skyproto.master.messages import (
     MASTER_CODEC,
     MASTER_ROLE,
@@ -103,6 +114,7 @@ from skyproto.node import host_mapper as mapping
 from skyproto.node.host_mapper import HostMapper
 from skyproto.node.node import Node
 from skyproto.session import SESSION_MAX as TABLE_SESSION_MAX
+from skyproto.wire import seal
 from skyproto.wire.codec import (
     DATA_HEADER,
     MAX_DEPTH,
@@ -116,7 +128,18 @@ from skyproto.wire.codec import (
     encode_cbor,
     encode_data_frame,
 )
-from skyproto.wire.framing import DEFAULT_MAX_FRAME, LENGTH_PREFIX
+from skyproto.wire.framing import DEFAULT_MAX_FRAME, LENGTH_PREFIX, WRITE_CHUNK
+from skyproto.wire.heartbeat import HeartbeatTiming
+from skyproto.wire.seal import (
+    PUBLIC_KEY_SIZE,
+    RECORD_OVERHEAD,
+    SEALED,
+    TAG_SIZE,
+    Opener,
+    SessionKeys,
+)
+
+from .sealed import MasterNodeSide, Wire, master_challenge
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "wire-format.md"
 
@@ -209,36 +232,302 @@ def test_heartbeat_example_is_what_a_link_sends() -> None:
     assert any("Heartbeat" in note for note in notes)
 
 
-def test_proof_example_matches_a_real_handshake() -> None:
-    namespace: dict[str, Any] = {}
-    exec(compile(example_block("proof", "python"), f"{DOC.name}:proof", "exec"), namespace)
-    transcript, proof = namespace["transcript"], namespace["proof"]
-    secret = b"correct horse battery staple"
-    dialer = LinkHandshake(secret, 1, 1_700_000_000_000_000, dialer=True, expect_harbor=2)
-    acceptor = LinkHandshake(secret, 2, 1_700_000_000_000_001, dialer=False)
+# --- the handshake, the key schedule and sealed records (section 7) ------------------------
 
+SECRET = b"correct horse battery staple"
+#: the example handshake of section 7: harbor 1 dials harbor 2
+DIALER_SEED = bytes(range(32))
+ACCEPTOR_SEED = bytes(range(32, 64))
+INCARNATIONS = {1: 1_700_000_000_000_000, 2: 1_700_000_000_000_001, 3: 1}
+
+
+def doc_functions(*names: str) -> dict[str, Any]:
+    """The Python examples ``names``, run in one namespace (later ones use earlier ones)."""
+    namespace: dict[str, Any] = {}
+    for name in names:
+        exec(compile(example_block(name, "python"), f"{DOC.name}:{name}", "exec"), namespace)
+    return namespace
+
+
+def example_handshake() -> tuple[LinkHello, LinkChallenge, LinkProof, PeerIdentity,
+                                 PeerIdentity]:
+    """The handshake of the section 7 examples, between the two pure machines."""
+    dialer = LinkHandshake(SECRET, 1, INCARNATIONS[1], dialer=True, expect_harbor=2,
+                           seed=DIALER_SEED)
+    acceptor = LinkHandshake(SECRET, 2, INCARNATIONS[2], dialer=False, seed=ACCEPTOR_SEED)
     hello = dialer.start()
     assert hello is not None
     (challenge,) = acceptor.receive(hello).send
     assert isinstance(challenge, LinkChallenge)
-    t = transcript(hello.nonce, challenge.nonce, hello.version, 1, 1_700_000_000_000_000,
-                   2, 1_700_000_000_000_001, (1.0, 3.0), (1.0, 3.0))
-    assert len(t) == 116
-    assert challenge.proof == proof(secret, b"harbor-acceptor", t)
-
     step = dialer.receive(challenge)
     (answer,) = step.send
-    assert isinstance(answer, LinkProof)
-    assert answer.proof == proof(secret, b"harbor-dialer", t)
-    assert acceptor.receive(answer).peer == PeerIdentity(1, 1_700_000_000_000_000)
+    assert isinstance(answer, LinkProof) and step.peer is not None
+    peer = acceptor.receive(answer).peer
+    assert peer is not None
+    return hello, challenge, answer, step.peer, peer
+
+
+def test_proof_example_matches_a_real_handshake() -> None:
+    ns = doc_functions("key-schedule", "proof")
+    transcript, proof = ns["transcript"], ns["proof"]
+    hello, challenge, answer, dialer_view, acceptor_view = example_handshake()
+    t = transcript(hello.key, challenge.key, hello.version, 1, INCARNATIONS[1],
+                   2, INCARNATIONS[2], (1.0, 3.0), (1.0, 3.0))
+    assert len(t) == 116
+    confirm, _, _ = ns["session_keys"](ns["cluster_key"](SECRET),
+                                       ns["shared"](DIALER_SEED, challenge.key), b"harbor", t)
+    assert challenge.proof == proof(confirm, b"harbor-acceptor", t)
+    assert answer.proof == proof(confirm, b"harbor-dialer", t)
+    assert acceptor_view == PeerIdentity(1, INCARNATIONS[1])
+    assert dialer_view == PeerIdentity(2, INCARNATIONS[2])
 
 
 def test_proof_constants_are_the_codes() -> None:
     text = doc_text()
-    assert f'"{_IDENTITIES.format}"' in text
+    for fmt in (_IDENTITIES.format, _TIMINGS.format, _MASTER_TAIL.format):
+        assert f'"{fmt}"' in text, fmt
     for role in (DIALER, ACCEPTOR):
         assert f'b"{role.decode()}"' in text, role
     assert len(auth.prove(b"s", DIALER, b"t")) == auth.PROOF_SIZE
+
+
+def test_key_schedule_example_is_what_both_sides_derive() -> None:
+    text = doc_text()
+    ns = doc_functions("key-schedule")
+    assert ns["cluster_key"](SECRET) == auth.cluster_key(SECRET)
+    assert f'salt=b"{auth.SCRYPT_SALT.decode()}", n=2**14, r=8, p=1' in text
+    assert (auth.SCRYPT_N, auth.SCRYPT_R) == (2**14, 8)
+    assert f'b"{seal.KDF_LABEL.decode()}"' in text
+    for label in (HARBOR_KDF, MASTER_KDF):
+        assert f'`b"{label.decode()}"`' in text
+    assert (HARBOR_KDF, MASTER_KDF) == (b"harbor", b"master")
+
+    hello, challenge, _, dialer_view, acceptor_view = example_handshake()
+    assert hello.key == ns["public_key"](DIALER_SEED)
+    assert challenge.key == ns["public_key"](ACCEPTOR_SEED)
+    shared = ns["shared"](DIALER_SEED, challenge.key)
+    assert shared == ns["shared"](ACCEPTOR_SEED, hello.key)
+    t = doc_functions("proof")["transcript"](
+        hello.key, challenge.key, PROTOCOL_VERSION, 1, INCARNATIONS[1], 2, INCARNATIONS[2],
+        (1.0, 3.0), (1.0, 3.0))
+    derived = ns["session_keys"](auth.cluster_key(SECRET), shared, b"harbor", t)
+    for view in (dialer_view, acceptor_view):
+        assert view.keys is not None
+        assert (view.keys.confirm, view.keys.initiator, view.keys.responder) == derived
+
+    # the worked example, and what it says it was made from
+    dumped, notes = hex_dump("seal-keys")
+    assert dumped.hex(" ") == (auth.cluster_key(SECRET) + hello.key + challenge.key
+                               + hashlib.sha256(t).digest() + derived[1] + derived[2]).hex(" ")
+    labels = [note for note in notes if note]
+    assert [label.split()[0] for label in labels] == [
+        "cluster", "key_d", "key_a", "SHA-256", "initiator:", "responder:"]
+    flat = " ".join(text.split())
+    assert f"the secret `{SECRET.decode()}`" in flat
+    assert "the dialer's seed `00 01 02 .. 1f`" in flat
+    assert "the acceptor's seed `20 21 22 .. 3f`" in flat
+    assert DIALER_SEED.hex(" ").startswith("00 01 02") and DIALER_SEED[-1] == 0x1F
+    assert ACCEPTOR_SEED.hex(" ").startswith("20 21 22") and ACCEPTOR_SEED[-1] == 0x3F
+    for harbor in (1, 2):
+        assert f"harbor {harbor} (incarnation {INCARNATIONS[harbor]})" in flat
+
+
+def test_stated_secret_minimum() -> None:
+    flat = " ".join(doc_text().split())
+    assert "one shorter than `MIN_SECRET_SIZE` (16) bytes is refused at start-up" in flat
+    auth.check_secret(b"x" * auth.MIN_SECRET_SIZE)
+    with pytest.raises(ConfigurationError):
+        auth.check_secret(b"x" * (auth.MIN_SECRET_SIZE - 1))
+
+
+def frames_of(data: bytes) -> list[Any]:
+    """The harbor control messages in plain frames."""
+    return [HARBOR_CODEC.decode(body[1:]) for body in split_frames(data)]
+
+
+def make_link(harbor: int, dialer: bool, seed: bytes | None = None,
+                **options: Any) -> tuple[HarborLink, StringTransport, Clock]:
+    """A real HarborLink on a StringTransport; ``seed`` fixes its X25519 key."""
+    clock = Clock()
+    config = LinkConfig(harbor=harbor, incarnation=INCARNATIONS[harbor], secret=SECRET,
+                        max_frame=options.pop("max_frame", DEFAULT_MAX_FRAME))
+    link = HarborLink(config, Mock(), clock, dialer=dialer, **options)
+    if seed is not None:
+        link._handshake = attrs.evolve(link._handshake, seed=seed)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    return link, transport, clock
+
+
+def control_frame(message: object) -> bytes:
+    body = b"\x00" + HARBOR_CODEC.encode(message)
+    return LENGTH_PREFIX.pack(len(body)) + body
+
+
+def up_acceptor(max_frame: int = DEFAULT_MAX_FRAME) -> tuple[HarborLink, StringTransport,
+                                                               SessionKeys]:
+    """An acceptor link that a hand-driven dialer brought up: sealed both ways."""
+    link, transport, _ = make_link(2, False, ACCEPTOR_SEED, max_frame=max_frame)
+    dialer = LinkHandshake(SECRET, 1, INCARNATIONS[1], dialer=True, seed=DIALER_SEED)
+    hello = dialer.start()
+    link.dataReceived(control_frame(hello))
+    (challenge,) = frames_of(transport.value())
+    transport.clear()
+    step = dialer.receive(challenge)
+    link.dataReceived(control_frame(step.send[0]))
+    assert link.up and link.sealed and step.peer is not None and step.peer.keys is not None
+    return link, transport, step.peer.keys
+
+
+def test_sealed_record_example_is_what_a_link_sends() -> None:
+    text = doc_text()
+    rows = table_rows("sealed-record")
+    assert [row[:2] for row in rows] == [
+        ["0", "4"], ["4", "1"], ["5", f"length - {RECORD_OVERHEAD}"],
+        [f"length - {TAG_SIZE - LENGTH_PREFIX.size}", str(TAG_SIZE)]]
+    assert rows[1][2] == f"kind: {SEALED} (`SEALED`)"
+    assert RECORD_OVERHEAD == 1 + TAG_SIZE
+    assert f"`RECORD_OVERHEAD` ({RECORD_OVERHEAD})" in text
+
+    # A real dialing link, with the example's seed, brought up by the example's acceptor.
+    link, transport, clock = make_link(1, True, DIALER_SEED, expect_harbor=2)
+    acceptor = LinkHandshake(SECRET, 2, INCARNATIONS[2], dialer=False, seed=ACCEPTOR_SEED)
+    (hello,) = frames_of(transport.value())
+    transport.clear()
+    (challenge,) = acceptor.receive(hello).send
+    link.dataReceived(control_frame(challenge))
+    (answer,) = frames_of(transport.value())  # LinkProof: still in the clear
+    assert isinstance(answer, LinkProof) and link.up and link.sealed
+    transport.clear()
+    clock.advance(link.timing.interval)  # its first write after LinkProof: a heartbeat
+    record = transport.value()
+
+    dumped, notes = hex_dump("sealed-record")
+    assert dumped.hex(" ") == record.hex(" ")
+    beat = LENGTH_PREFIX.pack(len(harbor_link._HEARTBEAT)) + harbor_link._HEARTBEAT
+    assert f"`{beat.hex(' ')}`" in text
+    initiator = example_handshake()[3].keys.initiator  # type: ignore[union-attr]
+    ns = doc_functions("seal")
+    assert ns["seal"](initiator, 0, beat) == record
+    assert AESGCM(initiator).decrypt(bytes(12), record[5:], None) == beat  # 12 zero bytes
+    transport.clear()
+    clock.advance(link.timing.interval)
+    assert transport.value() == ns["seal"](initiator, 1, beat)  # the counter goes on
+    annotations = "\n".join(notes)
+    for word in ("SEALED", "initiator", "tag", "24 bytes"):
+        assert word in annotations, word
+
+
+def test_frames_written_together_share_one_record() -> None:
+    link, transport, keys = up_acceptor()
+    frames = [control_frame(Heartbeat()), control_frame(Heartbeat())]
+    link.write_frames(frames)
+    (record,) = split_frames(transport.value())
+    assert record[0] == SEALED
+    assert keys.opener(True).open(record) == b"".join(frames)
+    assert f"`WRITE_CHUNK`, {WRITE_CHUNK // 1024} KiB" in " ".join(doc_text().split())
+
+
+def test_stated_record_drops() -> None:
+    documented = {row[1].strip("`") for row in table_rows("record-drops")}
+    beat = control_frame(Heartbeat())
+    reasons = set()
+    for make in (
+        lambda keys: keys.sealer(False).seal(beat),  # sealed with the other direction's key
+        lambda keys: LENGTH_PREFIX.pack(16) + bytes([SEALED]) + bytes(15),
+        lambda keys: beat,
+        lambda keys: keys.sealer(True).seal(b"\x00\x00"),
+        lambda keys: keys.sealer(True).seal(LENGTH_PREFIX.pack(5) + b"\x00"),
+    ):
+        link, transport, keys = up_acceptor()
+        link.dataReceived(make(keys))
+        assert link.drop_reason is not None
+        reasons.add(link.drop_reason)
+    assert reasons == documented
+
+    # a plain frame after a record was opened is dropped just the same
+    link, _, keys = up_acceptor()
+    sealer = keys.sealer(True)
+    link.dataReceived(sealer.seal(beat))
+    assert link.drop_reason is None
+    link.dataReceived(beat)
+    assert link.drop_reason == "a plain frame on a sealed connection"
+
+    # the one exception: the acceptor refusing LinkProof, in the clear, to a sealed dialer
+    link, transport, _ = make_link(1, True, DIALER_SEED, expect_harbor=2)
+    acceptor = LinkHandshake(SECRET, 2, INCARNATIONS[2], dialer=False, seed=ACCEPTOR_SEED)
+    (challenge,) = acceptor.receive(frames_of(transport.value())[0]).send
+    link.dataReceived(control_frame(challenge))
+    assert link.sealed
+    link.dataReceived(control_frame(LinkRefused("authentication failed")))
+    assert link.drop_reason is None and transport.disconnecting  # closed, not dropped
+
+    # the limits: a frame inside a record, and the record itself
+    text = " ".join(doc_text().split())
+    assert f"`max_frame` + {2 * LENGTH_PREFIX.size + WRITE_CHUNK + RECORD_OVERHEAD}" in text
+    link, _, keys = up_acceptor(max_frame=1024)
+    link.dataReceived(keys.sealer(True).seal(LENGTH_PREFIX.pack(1025) + bytes(1025)))
+    assert link.drop_reason == "frame of 1025 bytes exceeds the limit of 1024 bytes"
+    longest = 1024 + 2 * LENGTH_PREFIX.size + WRITE_CHUNK + RECORD_OVERHEAD
+    link, _, _ = up_acceptor(max_frame=1024)
+    link.dataReceived(LENGTH_PREFIX.pack(longest) + bytes([SEALED]))
+    assert link.drop_reason is None  # waits for the rest
+    link, _, _ = up_acceptor(max_frame=1024)
+    link.dataReceived(LENGTH_PREFIX.pack(longest + 1) + bytes([SEALED]))
+    assert link.drop_reason == (f"sealed record of {longest + 1} bytes exceeds the limit of "
+                                f"{longest} bytes")
+    assert "`frame of N bytes exceeds the limit of M bytes`, M being `max_frame`" in text
+
+
+def test_plain_frames_never_look_sealed() -> None:
+    assert "0 or 1 (harbor) or `0x80`..`0x9f`" in doc_text()
+    assert SEALED not in {kind.value for kind in FrameKind}
+    for cls, _ in MASTER_CODEC._by_code.values():
+        assert 1 + len(attrs.fields(cls)) <= 0x1F  # a CBOR array head 0x80..0x9f
+
+
+def test_stated_key_faults() -> None:
+    text = doc_text()
+    for key, reason in ((b"short", "protocol error: key of 5 bytes, expected 32"),
+                        (bytes(32), "protocol error: the peer's key is not a usable X25519 "
+                                    "public key")):
+        assert f"`{reason}`" in " ".join(text.split())
+        link, transport, _ = make_link(2, False)
+        link.dataReceived(control_frame(LinkHello(PROTOCOL_VERSION, 1, 1, key)))
+        assert link.drop_reason == reason
+        assert transport.value() == b""  # aborted: no LinkRefused
+
+
+def test_stated_link_refusals() -> None:
+    documented = {row[1].strip("`") for row in table_rows("link-refusals")}
+    refusals = []
+    dialer = LinkHandshake(SECRET, 1, INCARNATIONS[1], dialer=True, seed=DIALER_SEED)
+    hello = dialer.start()
+    assert hello is not None
+    for sent in (attrs.evolve(hello, version=PROTOCOL_VERSION - 1),
+                 attrs.evolve(hello, heartbeat_interval=0.0),
+                 attrs.evolve(hello, harbor=256),
+                 attrs.evolve(hello, harbor=2),
+                 hello):
+        link, transport, _ = make_link(2, False)
+        link.dataReceived(control_frame(sent))
+        if sent is hello:  # a wrong proof, after a good hello
+            transport.clear()
+            link.dataReceived(control_frame(LinkProof(bytes(32))))
+        (refused,) = frames_of(transport.value())
+        assert isinstance(refused, LinkRefused) and transport.disconnecting
+        refusals.append(refused.reason)
+    for harbor, expect_incarnation in ((3, None), (2, 5)):
+        link, transport, _ = make_link(1, True, expect_harbor=2,
+                                         expect_incarnation=expect_incarnation)
+        (hello,) = frames_of(transport.value())
+        transport.clear()
+        acceptor = LinkHandshake(SECRET, harbor, INCARNATIONS[harbor], dialer=False)
+        link.dataReceived(control_frame(acceptor.receive(hello).send[0]))
+        (refused,) = frames_of(transport.value())
+        assert isinstance(refused, LinkRefused)
+        refusals.append(refused.reason)
+    assert set(refusals) == documented
 
 
 # --- tables and stated facts ---------------------------------------------------------------
@@ -287,19 +576,27 @@ def test_frame_kinds_and_payload_types() -> None:
 
 
 def test_constants_table() -> None:
-    config = LinkConfig(harbor=1, incarnation=1, secret=b"s")
+    config = LinkConfig(harbor=1, incarnation=1, secret=b"s-sixteen-bytes!")
     actual = {
         "DEFAULT_MAX_FRAME": DEFAULT_MAX_FRAME,
         "MAX_DEPTH": MAX_DEPTH,
         "SESSION_MAX": SESSION_MAX,
         "PROTOCOL_VERSION": PROTOCOL_VERSION,
-        "NONCE_SIZE": auth.NONCE_SIZE,
+        "PUBLIC_KEY_SIZE": PUBLIC_KEY_SIZE,
         "PROOF_SIZE": auth.PROOF_SIZE,
+        "MIN_SECRET_SIZE": auth.MIN_SECRET_SIZE,
+        "SCRYPT_N": auth.SCRYPT_N,
+        "SCRYPT_R": auth.SCRYPT_R,
+        "SEALED": SEALED,
+        "TAG_SIZE": TAG_SIZE,
+        "RECORD_OVERHEAD": RECORD_OVERHEAD,
+        "WRITE_CHUNK": WRITE_CHUNK,
         "heartbeat_interval": config.heartbeat_interval,
         "heartbeat_timeout": config.heartbeat_timeout,
         "handshake_timeout": config.handshake_timeout,
     }
     assert TABLE_SESSION_MAX == SESSION_MAX
+    assert auth.NONCE_SIZE == PUBLIC_KEY_SIZE  # the seed: auth.new_nonce()
     text = doc_text()
     documented = {
         m.group(1): m.group(2)
@@ -325,8 +622,8 @@ def test_stated_depth_limit(depth: int, ok: bool) -> None:
 
 def test_stated_abort_reasons_are_what_a_link_raises() -> None:
     text = doc_text()
-    link = HarborLink(LinkConfig(harbor=1, incarnation=1, secret=b"s"), Mock(), Clock(),
-                      dialer=False)
+    link = HarborLink(LinkConfig(harbor=1, incarnation=1, secret=b"s-sixteen-bytes!"), Mock(),
+                      Clock(), dialer=False)
     data = encode_data_frame(parse_handle(SOURCE), parse_handle(DESTINATION), SESSION,
                              PayloadType.NORMAL, encode_cbor(PAYLOAD))[LENGTH_PREFIX.size :]
     for stated, frame in [
@@ -366,7 +663,7 @@ def test_a_tagged_payload_passes_the_header_and_fails_the_payload() -> None:
 
 def test_stated_no_such_service_message_uses_the_text_form() -> None:
     assert '["nosuchservice", "NoSuchService", "no service :02000099"]' in doc_text()
-    node = Node(2, Clock(), b"s")
+    node = Node(2, Clock(), b"s-sixteen-bytes!")
     errors: list[Any] = []
     node.call(parse_handle(":02000099"), None).addErrback(errors.append)
     (failure,) = errors
@@ -377,8 +674,11 @@ def test_stated_no_such_service_message_uses_the_text_form() -> None:
 
 # --- the master protocol (sections 11 to 14) -----------------------------------------------
 
-MASTER_SECRET = b"correct horse battery staple"
+MASTER_SECRET = SECRET
+OTHER_SECRET = b"another cluster's secret"
 ALPHA_INCARNATION = 1_700_000_000_000_000
+NODE_SEED = bytes(range(64, 96))
+MASTER_SEED = bytes(range(96, 128))
 
 
 def split_frames(data: bytes) -> list[bytes]:
@@ -397,36 +697,52 @@ def master_frame(message: object) -> bytes:
 
 
 class MasterPeer:
-    """One connection to a real MasterService, on a StringTransport and a Clock."""
+    """One connection to a real MasterService, on a StringTransport and a Clock, driven by
+    hand: it seals after the challenge as a node does, under keys from ``secret``."""
 
-    def __init__(self, service: MasterService | None = None) -> None:
+    def __init__(self, service: MasterService | None = None, secret: bytes = MASTER_SECRET,
+                 seed: bytes | None = None) -> None:
         self.service = service or MasterService(InMemoryRegistry(), Clock(), MASTER_SECRET)
         self.connection = self.service.buildProtocol(None)
         self.transport = StringTransport()
         self.connection.makeConnection(self.transport)
-        self.nonce = bytes(range(32))
+        self.side = MasterNodeSide(secret, seed)
+        self.wire = Wire(MASTER_CODEC)
+        #: what the last received() read was: sealed records, or plain frames
+        self.sealed_answer = False
 
     @property
     def clock(self) -> Clock:
         return self.service.clock  # type: ignore[return-value]
 
+    @property
+    def key(self) -> bytes:
+        return self.side.ephemeral.public
+
     def send(self, message: object) -> None:
+        """Send ``message``, sealed once the challenge has been answered."""
+        self.connection.dataReceived(self.wire.encode(message))
+
+    def send_plain(self, message: object) -> None:
         self.connection.dataReceived(master_frame(message))
 
     def received(self) -> list[Any]:
         data = self.transport.value()
         self.transport.clear()
-        return [MASTER_CODEC.decode(body) for body in split_frames(data)]
+        self.sealed_answer = data[4:5] == bytes([SEALED])
+        return self.wire.decode(data)
 
     def challenge(self) -> MasterChallenge:
-        self.send(MasterHello(MASTER_VERSION, self.nonce))
+        """Hello, then the challenge; seals this side, as a node does."""
+        self.send(self.side.hello())
         (challenge,) = self.received()
-        assert isinstance(challenge, MasterChallenge)
+        assert isinstance(challenge, MasterChallenge) and not self.sealed_answer
+        keys, _ = self.side.answer(challenge)
+        self.wire.seal(keys, initiator=True)
         return challenge
 
     def proof(self, challenge: MasterChallenge) -> bytes:
-        text = master_transcript(MASTER_VERSION, self.nonce, challenge.nonce)
-        return auth.prove(MASTER_SECRET, NODE_ROLE, text)
+        return self.side.answer(challenge)[1]
 
     def join(self, harbor: int, names: dict[str, int] | None = None,
              node: str = "alpha@db1") -> list[Any]:
@@ -451,11 +767,16 @@ def test_master_frame_example_is_what_the_master_pushes() -> None:
     assert dumped.hex(" ") == master_frame(event).hex(" ")
     # no kind byte: the body is the CBOR message itself
     assert MASTER_CODEC.decode(dumped[LENGTH_PREFIX.size :]) == event
-    # the very bytes MasterService.push writes to a joined node
+    # the very frame MasterService.push writes to a joined node, in one sealed record
     peer = MasterPeer()
     peer.join(1)
     peer.service.push((event,))
-    assert peer.transport.value() == dumped
+    record = peer.transport.value()
+    assert record[LENGTH_PREFIX.size] == SEALED
+    assert peer.wire.opener is not None
+    assert peer.wire.opener.open(record[LENGTH_PREFIX.size :]) == dumped
+    assert len(record) == LENGTH_PREFIX.size + RECORD_OVERHEAD + len(dumped)
+    assert f"4 + 1 + {len(dumped)} + {TAG_SIZE} = {len(record)} bytes" in doc_text()
     annotations = "\n".join(notes)
     for text in ("NameBound", "22", "sequence 7", '"SIMPLEDB"', ":01000002", "no kind byte"):
         assert text in annotations, f"the master-frame annotations should mention {text}"
@@ -467,34 +788,69 @@ def test_stated_master_heartbeat_bytes() -> None:
     assert f"`{beat.hex(' ')}`" in text
     assert f"`{beat[LENGTH_PREFIX.size:].hex(' ')}`" in text
     assert master_server._BEAT == master_client._BEAT == beat[LENGTH_PREFIX.size :]
+    # accepted in the clear before the hello
+    peer = MasterPeer()
+    peer.send_plain(MasterHeartbeat())
+    peer.challenge()
+    assert peer.connection.drop_reason is None
 
 
 def test_master_proof_example_matches_a_real_handshake() -> None:
-    namespace: dict[str, Any] = {}
-    exec(compile(example_block("master-proof", "python"), f"{DOC.name}:master-proof", "exec"),
-         namespace)
-    transcript, proof = namespace["master_transcript"], namespace["proof"]
+    ns = doc_functions("key-schedule", "proof", "master-proof", "seal")
+    transcript, proof, session_keys = ns["master_transcript"], ns["proof"], ns["session_keys"]
     text = doc_text()
     for role in (NODE_ROLE, MASTER_ROLE):
         assert f'b"{role.decode()}"' in text, role
 
-    peer = MasterPeer()
-    challenge = peer.challenge()
-    t = transcript(peer.nonce, challenge.nonce, MASTER_VERSION)
-    assert len(t) == 66
-    assert t == master_transcript(MASTER_VERSION, peer.nonce, challenge.nonce)
-    assert challenge.proof == proof(MASTER_SECRET, b"master-server", t)
-    peer.send(Join(proof(MASTER_SECRET, b"master-node", t), 1, ALPHA_INCARNATION,
-                   "alpha@db1", "tcp:127.0.0.1:7001", {}, 1.0, 3.0))
-    welcome, *_ = peer.received()
-    assert isinstance(welcome, Welcome) and welcome.harbor == 1
+    # the two pure machines, with fixed seeds
+    node = NodeHandshake(MASTER_SECRET, HeartbeatTiming(), JoinInfo(
+        1, ALPHA_INCARNATION, "alpha@db1", "tcp:127.0.0.1:7001"), seed=NODE_SEED)
+    master = MasterHandshake(MASTER_SECRET, HeartbeatTiming(2.0, 6.0), seed=MASTER_SEED)
+    hello = node.start()
+    assert hello.key == ns["public_key"](NODE_SEED)
+    answered = master.receive(hello)
+    (challenge,) = answered.send
+    assert isinstance(challenge, MasterChallenge)
+    assert challenge.key == ns["public_key"](MASTER_SEED)
+    t = transcript(hello.key, challenge.key, MASTER_VERSION, 2.0, 6.0)
+    assert len(t) == 82
+    assert t == master_transcript(MASTER_VERSION, hello.key, challenge.key, 2.0, 6.0)
+    keys = session_keys(ns["cluster_key"](MASTER_SECRET),
+                        ns["shared"](NODE_SEED, challenge.key), b"master", t)
+    assert challenge.proof == proof(keys[0], b"master-server", t)
+    step = node.receive(challenge)
+    (join,) = step.sealed
+    assert isinstance(join, Join) and join.proof == proof(keys[0], b"master-node", t)
+    for derived in (answered.keys, step.keys):
+        assert derived is not None
+        assert (derived.confirm, derived.initiator, derived.responder) == keys
 
-    observer = MasterPeer(peer.service)
-    challenge = observer.challenge()
-    t = transcript(observer.nonce, challenge.nonce, MASTER_VERSION)
-    observer.send(Observe(proof(MASTER_SECRET, b"master-node", t), 1.0, 3.0))
-    assert observer.received() == []  # nothing answers Observe
-    assert observer.connection.state == "observing"
+    # a node made of the doc's functions alone, against a real MasterService
+    service = MasterService(InMemoryRegistry(), Clock(), MASTER_SECRET)
+    for message, expected in (
+        (lambda c, t: Join(c, 1, ALPHA_INCARNATION, "alpha@db1", "tcp:127.0.0.1:7001", {},
+                           1.0, 3.0), Welcome),
+        (lambda c, t: Observe(c, 1.0, 3.0), None),
+    ):
+        peer = MasterPeer(service)
+        peer.send_plain(MasterHello(MASTER_VERSION, ns["public_key"](NODE_SEED)))
+        (challenge,) = [MASTER_CODEC.decode(b) for b in split_frames(peer.transport.value())]
+        peer.transport.clear()
+        t = transcript(ns["public_key"](NODE_SEED), challenge.key, MASTER_VERSION,
+                       challenge.heartbeat_interval, challenge.heartbeat_timeout)
+        confirm, initiator, responder = session_keys(
+            ns["cluster_key"](MASTER_SECRET), ns["shared"](NODE_SEED, challenge.key),
+            b"master", t)
+        assert challenge.proof == proof(confirm, b"master-server", t)
+        sent = message(proof(confirm, b"master-node", t), t)
+        peer.connection.dataReceived(ns["seal"](initiator, 0, master_frame(sent)))
+        peer.wire.opener = Opener(responder)
+        answers = peer.received()
+        if expected is None:
+            assert answers == []  # nothing answers Observe
+            assert peer.connection.state == "observing"
+        else:
+            assert isinstance(answers[0], Welcome) and answers[0].harbor == 1
 
 
 def test_every_master_message_is_documented() -> None:
@@ -558,15 +914,23 @@ def test_stated_master_refusals_are_what_the_master_sends() -> None:
     refusals = []
 
     peer = MasterPeer()
-    peer.send(MasterHello(MASTER_VERSION + 1, peer.nonce))
+    peer.send(MasterHello(MASTER_VERSION + 1, peer.key))
     refusals.extend(peer.received())
-    assert peer.transport.disconnecting
+    assert peer.transport.disconnecting and not peer.sealed_answer  # in the clear
+
+    # a node of an older version hears why, in the clear
+    older = MasterPeer()
+    older.send_plain(MasterHello(MASTER_VERSION - 1, bytes(range(32))))
+    (refused,) = older.received()
+    assert isinstance(refused, Refused) and not older.sealed_answer
+    assert refused.reason.startswith(f"protocol version {MASTER_VERSION - 1} is not supported")
 
     peer = MasterPeer()
     peer.challenge()
     peer.send(Join(bytes(32), 1, ALPHA_INCARNATION, "alpha@db1", "tcp:127.0.0.1:7001", {},
                    1.0, 3.0))
     refusals.extend(peer.received())
+    assert peer.sealed_answer  # after the challenge: sealed
 
     for endpoint, interval in (("tcp:127.0.0.1:7001", 0.0), ("", 1.0)):
         peer = MasterPeer()
@@ -592,25 +956,53 @@ def test_stated_master_refusals_are_what_the_master_sends() -> None:
 
 
 def test_stated_master_drops_are_what_the_master_logs(events: list[LogEvent]) -> None:
-    documented = [row[1].strip("`") for row in table_rows("master-drops")]
+    rows = table_rows("master-drops")
 
-    MasterPeer().clock.advance(5)  # nothing sent
+    def late(peer: MasterPeer) -> None:
+        peer.clock.advance(5)  # nothing sent
 
-    MasterPeer().send(MasterHello(MASTER_VERSION, b"short"))
+    def after_challenge(send: Callable[[MasterPeer, MasterChallenge], None],
+                        ) -> Callable[[MasterPeer], None]:
+        return lambda peer: send(peer, peer.challenge())
 
-    MasterPeer().send(GetTable(1))
+    def join(peer: MasterPeer, challenge: MasterChallenge) -> Join:
+        return Join(peer.proof(challenge), 1, ALPHA_INCARNATION, "alpha@db1",
+                    "tcp:127.0.0.1:7001", {}, 1.0, 3.0)
 
-    peer = MasterPeer()
+    def observe_then_bind(peer: MasterPeer, challenge: MasterChallenge) -> None:
+        peer.send(Observe(peer.proof(challenge), 1.0, 3.0))
+        peer.send(BindName(1, "SIMPLEDB", 0x01000002))
+
+    cases: list[tuple[Callable[[MasterPeer], None], bytes]] = [
+        (late, MASTER_SECRET),
+        (lambda peer: peer.send(MasterHello(MASTER_VERSION, b"short")), MASTER_SECRET),
+        (lambda peer: peer.send(MasterHello(MASTER_VERSION, bytes(32))), MASTER_SECRET),
+        (lambda peer: peer.send(GetTable(1)), MASTER_SECRET),
+        (after_challenge(lambda peer, c: peer.send(MasterHello(MASTER_VERSION, peer.key))),
+         MASTER_SECRET),
+        (after_challenge(lambda peer, c: peer.send_plain(join(peer, c))), MASTER_SECRET),
+        (after_challenge(lambda peer, c: peer.send(join(peer, c))), OTHER_SECRET),
+        (after_challenge(observe_then_bind), MASTER_SECRET),
+    ]
+    assert len(cases) == len(rows)
+    for (case, secret), row in zip(cases, rows, strict=True):
+        events.clear()
+        peer = MasterPeer(secret=secret)
+        case(peer)
+        assert dropped_reasons(events) == [row[1].strip("`")], row
+        counted = row[2].strip("`") if row[2].startswith("`") else None
+        assert peer.service.preauth_failures == Counter([counted] if counted else []), row
+    assert "no handshake within 5 s" in rows[0][1]  # MasterService.handshake_timeout
+
+    # the node with another secret gives up on the challenge: the master only counts it
+    events.clear()
+    peer = MasterPeer(secret=OTHER_SECRET)
     peer.challenge()
-    peer.send(MasterHello(MASTER_VERSION, peer.nonce))
-
-    observer = MasterPeer()
-    challenge = observer.challenge()
-    observer.send(Observe(observer.proof(challenge), 1.0, 3.0))
-    observer.send(BindName(1, "SIMPLEDB", 0x01000002))
-
-    assert dropped_reasons(events) == documented
-    assert "no handshake within 5 s" in documented  # MasterService.handshake_timeout
+    peer.connection.connectionLost(Failure(ConnectionDone()))
+    assert dropped_reasons(events) == []
+    assert peer.service.preauth_failures == Counter(["closed before the handshake"])
+    assert "the master only counts `closed before the handshake`" in " ".join(
+        doc_text().split())
 
 
 def test_stated_silence_reasons(events: list[LogEvent]) -> None:
@@ -651,8 +1043,12 @@ def test_stated_client_refusals_are_what_the_node_says() -> None:
     rows = table_rows("master-client-refusals")
     documented = [row[1].strip("`") for row in rows[:2]]
     reasons = []
-    for challenge in (MasterChallenge(MASTER_VERSION + 1, bytes(32), bytes(32), 1.0, 3.0),
-                      MasterChallenge(MASTER_VERSION, bytes(32), bytes(32), 1.0, 3.0)):
+    challenges: list[Callable[[MasterHello], MasterChallenge]] = [
+        lambda hello: MasterChallenge(MASTER_VERSION + 1, bytes(32), bytes(32), 1.0, 3.0),
+        lambda hello: master_challenge(OTHER_SECRET, hello)[1],  # a master with another secret
+        lambda hello: MasterChallenge(MASTER_VERSION, bytes(32), bytes(32), 1.0, 3.0),
+    ]
+    for make in challenges:
         listener = _Listener()
         client = MasterClient(Clock(), "tcp:127.0.0.1:2013", MASTER_SECRET, listener,
                               JoinInfo(1, ALPHA_INCARNATION, "alpha@db1", "tcp:127.0.0.1:7001"))
@@ -661,10 +1057,15 @@ def test_stated_client_refusals_are_what_the_node_says() -> None:
         protocol.makeConnection(transport)
         (hello,) = [MASTER_CODEC.decode(b) for b in split_frames(transport.value())]
         assert isinstance(hello, MasterHello) and hello.version == MASTER_VERSION
-        protocol.dataReceived(master_frame(challenge))
+        protocol.dataReceived(master_frame(make(hello)))
         assert transport.disconnecting
         reasons.extend(listener.refusals)
-        assert client.refusal == listener.refusals[0]
+        if listener.refusals:
+            assert client.refusal == listener.refusals[0]
+        else:  # an unusable key: dropped, and the client will reconnect
+            assert protocol.drop_reason == (
+                "protocol error: the peer's key is not a usable X25519 public key")
+            assert client.refusal is None
     assert reasons == documented
 
 

@@ -88,3 +88,24 @@ def test_a_large_frame_arriving_slowly_keeps_the_master_alive_at_the_node():
     box: list[Any] = []
     table.addBoth(box.append)
     assert isinstance(box[0], Table) and len(box[0].harbors) == 199
+
+
+def test_a_beat_that_crossed_the_challenge_arrives_in_the_clear_and_is_no_fault():
+    """The node beats from the moment it connects; one beat may leave before the challenge
+    arrives, and reaches the master after it switched to sealed records."""
+    from skyproto.master.messages import MASTER_CODEC, Join, Welcome
+
+    from .sealed import frame
+
+    service = MasterService(InMemoryRegistry(), Clock(), SECRET, auto_grace=0)
+    peer = MasterPeer(service)
+    _, proof = peer.authenticate()
+    peer.connection.dataReceived(frame(MASTER_CODEC.encode(MasterHeartbeat())))
+    assert not peer.transport.disconnecting
+    peer.send(Join(proof, 1, 7, "n1@test", "tcp:127.0.0.1:7001", {}, 1.0, 3.0))
+    assert any(isinstance(m, Welcome) for m in peer.received())
+    # anything else in the clear is still refused
+    other = MasterPeer(service)
+    other.authenticate()
+    other.connection.dataReceived(frame(MASTER_CODEC.encode(LookupName(1, "X"))))
+    assert other.transport.disconnecting

@@ -240,9 +240,11 @@ class FrameProtocol(Protocol):
         while end - offset >= _LENGTH_SIZE and not self.paused:
             (length,) = _unpack_length(buffer, offset)
             opener = self._opener
-            if length > (self.MAX_LENGTH if opener is None else self._max_record()):
+            limit = self.MAX_LENGTH if opener is None else self._max_record()
+            if length > limit:
                 self._unprocessed = b""
-                self.lengthLimitExceeded(length)
+                self.drop(f"{'frame' if opener is None else 'sealed record'} of {length} "
+                          f"bytes exceeds the limit of {limit} bytes")
                 return
             start = offset + _LENGTH_SIZE
             offset = start + length
