@@ -205,10 +205,10 @@ def test_a_payload_is_encoded_when_the_call_is_made() -> None:
     assert a.router.state(2) == "up"
 
 
-def test_a_payload_over_the_frame_limit_fails_the_call_at_once() -> None:
+def test_a_payload_over_the_message_limit_fails_the_call_at_once() -> None:
     clock = Clock()
-    a = make_node(clock, 1, max_frame=1024)
-    make_node(clock, 2, max_frame=1024)
+    a = make_node(clock, 1, max_message=1024)
+    make_node(clock, 2, max_message=1024)
     a.add_peer(2, "loopback:h2")
     d = a.call(0x02000002, b"x" * 2048)
     failure = failure_of(d, FrameTooLarge)

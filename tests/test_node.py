@@ -206,7 +206,7 @@ def test_bad_frame_drops_only_that_link():
 
 
 def test_oversized_payload_fails_the_call_not_the_link():
-    clock, (a, b) = mesh(2, max_frame=1024)
+    clock, (a, b) = mesh(2, max_message=1024)
     echo = b.spawn(Echo())
     failure_of(a.call(echo, b"x" * 2000), FrameTooLarge)
     d = a.call(echo, b"x" * 500)
@@ -426,7 +426,7 @@ def test_oversized_reply_is_an_error_not_a_timeout():
         def receive(self, source, session, payload):
             return b"x" * 4096
 
-    clock, (a, b) = mesh(2, max_frame=1024)
+    clock, (a, b) = mesh(2, max_message=1024)
     d = a.call(b.spawn(Big()), 1, timeout=5)
     clock.advance(0)
     assert failure_of(d, RemoteError).value.remote_type == "FrameTooLarge"

@@ -38,6 +38,13 @@ from ..wire.framing import (
     describe_peer,
 )
 from ..wire.heartbeat import HeartbeatTimer, HeartbeatTiming
+from ..wire.pieces import (
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_PIECE_SIZE,
+    PIECE,
+    PieceAssembler,
+    PieceScheduler,
+)
 from .handshake import HandshakeRefused, LinkHandshake
 from .messages import HARBOR_CODEC, Heartbeat, LinkRefused, LinkRetired
 
@@ -62,6 +69,15 @@ class LinkConfig:
     handshake_timeout: float = 5.0
     max_frame: int = DEFAULT_MAX_FRAME
     max_outbound: int = DEFAULT_MAX_OUTBOUND
+    #: the largest message; larger than ``piece_size``, it travels in pieces
+    max_message: int = DEFAULT_MAX_MESSAGE
+    #: data frames longer than this are cut into pieces of this size (at most max_frame)
+    piece_size: int = DEFAULT_PIECE_SIZE
+
+    @property
+    def piece_bytes(self) -> int:
+        """The bytes of a message each piece carries (a piece must fit in a frame)."""
+        return max(1024, min(self.piece_size, self.max_frame - 16))
 
 
 @implementer(IHarborLink)
@@ -103,6 +119,9 @@ class HarborLink(FrameProtocol):
         self._batch: list[bytes] | None = None
         self._batch_size = 0
         self._data_received = sink.data_received
+        #: large messages waiting to go, a piece at a time, and those arriving
+        self._pieces = PieceScheduler(self._write_piece, config.piece_bytes, config.max_message)
+        self._assembler = PieceAssembler(config.max_message)
 
     @property
     def local_harbor(self) -> int:
@@ -142,6 +161,8 @@ class HarborLink(FrameProtocol):
         # The peer is taking our bytes: alive, even while we do not read it.
         self._heartbeat.heard()
         super().transport_drained()
+        if self._pieces and self._writable():
+            self._pieces.pump()
 
     def frame_received(self, frame: bytes) -> None:
         if frame and frame[0] == _DATA and self.up:
@@ -154,6 +175,12 @@ class HarborLink(FrameProtocol):
                 self.sink.bad_payload(self, source, destination, session, e)
                 return
             self._data_received(self, source, destination, session, ptype, payload)
+        elif frame and frame[0] == PIECE and self.up:
+            body = self._assembler.receive(frame)
+            if body is not None:
+                if body[:1] != bytes([_DATA]):
+                    raise ProtocolError("a message in pieces that is not a data message")
+                self.frame_received(body)
         elif frame and frame[0] == FrameKind.CONTROL:
             self._control_received(HARBOR_CODEC.decode(frame[1:]))
         elif not frame:
@@ -189,6 +216,8 @@ class HarborLink(FrameProtocol):
         self._timer = None
         self._heartbeat.stop()
         self.discard_outbound()
+        self._pieces.clear()
+        self._assembler.clear()
         why = self._lost_reason or reason.value
         if self.up:
             self.up = False
@@ -210,8 +239,17 @@ class HarborLink(FrameProtocol):
                                            encode_cbor(payload)), session > 0)
 
     def write_frame(self, frame: bytes, must: bool) -> None:
-        if len(frame) - 4 > self.MAX_LENGTH:
-            raise FrameTooLarge(len(frame) - 4, self.MAX_LENGTH)
+        if len(frame) - 4 > self.config.max_message:
+            raise FrameTooLarge(len(frame) - 4, self.config.max_message)
+        pieces = self._pieces
+        if pieces.is_large(frame) or pieces.waits_behind(frame):
+            if not must and pieces.queued + self.held_bytes > self.max_outbound:
+                raise QueueFull(f"{pieces.queued + self.held_bytes} bytes already wait for "
+                                f"a slow peer (limit {self.max_outbound})")
+            pieces.add(frame)
+            if self._writable():
+                pieces.pump()
+            return
         batch = self._batch
         if batch is None:
             self.write_bytes(frame, must)
@@ -227,6 +265,14 @@ class HarborLink(FrameProtocol):
             batch.clear()
             self._batch_size = 0
             self.write_frames(frames)
+
+    def _writable(self) -> bool:
+        return not self.transport_full and not self.held_bytes and self.transport is not None
+
+    def _write_piece(self, frame: bytes) -> bool:
+        """The scheduler's writer: one frame now; False once the transport is full."""
+        self.write_bytes(frame)
+        return self._writable()
 
     def retire(self, reason: str) -> None:
         if self.retired or self.transport is None:
