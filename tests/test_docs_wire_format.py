@@ -1224,3 +1224,33 @@ def test_mapper_constants_table() -> None:
     assert host_mapper["takeover_jitter"] == mapping.DEFAULT_TAKEOVER_JITTER
     assert host_mapper["retry_initial"] == mapping.DEFAULT_RETRY_INITIAL
     assert host_mapper["retry_max"] == mapping.DEFAULT_RETRY_MAX
+
+
+def test_piece_layout_and_refusals_are_what_the_code_does() -> None:
+    from skyproto.wire.pieces import (
+        DEFAULT_MAX_MESSAGE,
+        DEFAULT_PIECE_SIZE,
+        FIRST,
+        LAST,
+        PieceAssembler,
+        piece_frame,
+    )
+
+    text = " ".join(doc_text().split())
+    assert (FIRST, LAST, DEFAULT_PIECE_SIZE, DEFAULT_MAX_MESSAGE) == (1, 2, 65536, 64 << 20)
+    first = piece_frame(5, FIRST, b"abc", total=4)
+    assert first == b"\x00\x00\x00\x0d" + b"\x03" + (5).to_bytes(4, "big") + b"\x01" + \
+        (4).to_bytes(4, "big") + b"abc"
+    last = piece_frame(5, LAST, b"d")
+    assert last[4:10] == b"\x03\x00\x00\x00\x05\x02" and last[10:] == b"d"
+    assembler = PieceAssembler(10)
+    assert assembler.receive(first[4:]) is None and assembler.receive(last[4:]) == b"abcd"
+    for piece, words in [
+        (piece_frame(9, LAST, b"x"), "a piece of stream N, which never started"),
+        (piece_frame(9, 4, b"x"), "piece flags 0xN unknown"),
+    ]:
+        assert f"(`{words}`)" in text
+        with pytest.raises(ProtocolError,
+                           match=words.replace("N", r"\w+").replace("(", r"\(")):
+            PieceAssembler(10).receive(piece[4:])
+    assert "`FrameTooLarge(size, max_message)`" in text

@@ -251,6 +251,7 @@ class FrameKind(enum.IntEnum):
 
     CONTROL = 0  #: a CBOR control message follows (handshake, heartbeat, ...)
     DATA = 1  #: a data header and a CBOR payload follow
+    PIECE = 3  #: a piece of a large data message (wire/pieces.py); 2 is a sealed record
 
 
 class PayloadType(enum.IntEnum):

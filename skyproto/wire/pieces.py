@@ -29,8 +29,9 @@ from collections.abc import Callable
 from typing import Final
 
 from ..errors import ProtocolError
+from .codec import FrameKind
 
-PIECE: Final = 3
+PIECE: Final = int(FrameKind.PIECE)
 FIRST: Final = 1
 LAST: Final = 2
 DEFAULT_PIECE_SIZE: Final = 64 * 1024
