@@ -42,9 +42,11 @@ from harbor import SECRET_ENV, StdinWatcher, read_line  # type: ignore[import-no
 from skyproto.node.node import Node
 from skyproto.node.service import Service
 from skyproto.services.echo import Echo
+from skyproto.wire.pieces import DEFAULT_PIECE_SIZE
 
 SERVER_HARBOR, CLIENT_HARBOR = 2, 1
 MAX_MESSAGE = 256 * 1024 * 1024  #: both ends: room for the 100 MiB message
+PIECE_ENV = "SKYPROTO_BENCH_PIECE"  #: the piece size both ends use, if set
 LARGE = 15 * 1024 * 1024
 HUGE = 100 * 1024 * 1024
 SMALL = bytes(range(16))
@@ -105,11 +107,15 @@ class RawCopy(Protocol):
             answer.callback(count)
 
 
+def piece_size() -> int:
+    return int(os.environ.get(PIECE_ENV, DEFAULT_PIECE_SIZE))
+
+
 def serve() -> int:
     from twisted.internet import reactor
 
     node = Node(SERVER_HARBOR, reactor, bytes.fromhex(os.environ[SECRET_ENV]),
-                max_message=MAX_MESSAGE)
+                max_message=MAX_MESSAGE, piece_size=piece_size())
     echo, sink = node.spawn(Echo()), node.spawn(Sink())
     ports: list[IListeningPort] = []
 
@@ -224,7 +230,8 @@ async def copy_rates(node: Node, raw: RawCopy, sink: int, failures: Failures,
 async def run(reactor: Any, ports: list[int], secret: bytes, rounds: int,
               seconds: float) -> dict[str, Any]:
     node_port, raw_port, echo, sink = ports
-    node = Node(CLIENT_HARBOR, reactor, secret, max_message=MAX_MESSAGE, default_timeout=120)
+    node = Node(CLIENT_HARBOR, reactor, secret, max_message=MAX_MESSAGE, default_timeout=120,
+                piece_size=piece_size())
     node.add_peer(SERVER_HARBOR, f"tcp:127.0.0.1:{node_port}")
     raw = await connectProtocol(clientFromString(reactor, f"tcp:127.0.0.1:{raw_port}"),
                                 RawCopy())

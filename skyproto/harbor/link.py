@@ -54,6 +54,8 @@ _HEARTBEAT = _CONTROL + HARBOR_CODEC.encode(Heartbeat())
 _CLOSED = Failure(ConnectionDone())
 #: handshake messages are under 200 bytes; nothing bigger is read before the proof
 HANDSHAKE_MAX_FRAME = 4096
+#: piece bytes written past the transport's own mark (see HarborLink._piece_window)
+PIECE_WINDOW = 256 * 1024
 _HEADER_SIZE = DATA_HEADER.size
 
 
@@ -122,6 +124,9 @@ class HarborLink(FrameProtocol):
         #: large messages waiting to go, a piece at a time, and those arriving
         self._pieces = PieceScheduler(self._write_piece, config.piece_bytes, config.max_message)
         self._assembler = PieceAssembler(config.max_message)
+        #: piece bytes that may still go into a transport that said it is full: a pipe kept
+        #: this full keeps the socket busy, and a small message waits behind at most this
+        self._piece_window = PIECE_WINDOW
 
     @property
     def local_harbor(self) -> int:
@@ -161,6 +166,7 @@ class HarborLink(FrameProtocol):
         # The peer is taking our bytes: alive, even while we do not read it.
         self._heartbeat.heard()
         super().transport_drained()
+        self._piece_window = PIECE_WINDOW
         if self._pieces and self._writable():
             self._pieces.pump()
 
@@ -267,11 +273,16 @@ class HarborLink(FrameProtocol):
             self.write_frames(frames)
 
     def _writable(self) -> bool:
-        return not self.transport_full and not self.held_bytes and self.transport is not None
+        """Pieces may go now: nothing of ours waits, and the transport takes bytes or the
+        piece window is not used up."""
+        return (self.transport is not None and not self.held_bytes
+                and (not self.transport_full or self._piece_window > 0))
 
     def _write_piece(self, frame: bytes) -> bool:
-        """The scheduler's writer: one frame now; False once the transport is full."""
-        self.write_bytes(frame)
+        """The scheduler's writer: one frame now; False once no more may go."""
+        if self.transport_full:
+            self._piece_window -= len(frame)
+        self.write_through(frame)
         return self._writable()
 
     def retire(self, reason: str) -> None:

@@ -179,6 +179,14 @@ class FrameProtocol(Protocol):
             self.congested = True
             self.outbound_congested()
 
+    def write_through(self, data: bytes) -> None:
+        """Write framed bytes to the transport even if it said it is full (nothing of ours
+        may wait: order would break); a caller bounds how much it writes this way."""
+        assert self.transport is not None and not self._held
+        if self._sealer is not None:
+            data = self._sealer.seal(data)
+        self.transport.write(data)
+
     def write_frames(self, frames: list[bytes]) -> None:
         """Write framed bytes that must go (replies made together): joined into writes of
         up to ``WRITE_CHUNK`` bytes while the transport takes them, queued once it is full,

@@ -56,8 +56,8 @@ class _Stream:
 
     __slots__ = ("body", "offset", "stream")
 
-    def __init__(self, body: bytes, stream: int) -> None:
-        self.body = memoryview(body)
+    def __init__(self, body: memoryview, stream: int) -> None:
+        self.body = body
         self.offset = 0
         self.stream = stream
 
@@ -96,12 +96,12 @@ class PieceScheduler:
 
     def waits_behind(self, frame: bytes) -> bool:
         """This framed data message's pair has a lane: it must queue there."""
-        return bool(self._lanes) and frame[_PREFIX.size:][_PAIR] in self._lanes
+        return bool(self._lanes) and frame[_PREFIX.size + 1:_PREFIX.size + 9] in self._lanes
 
     def add(self, frame: bytes) -> None:
         """Queue a framed data message (large, or small behind a lane of its pair)."""
-        body = frame[_PREFIX.size:]
-        pair = body[_PAIR]
+        body = memoryview(frame)[_PREFIX.size:]
+        pair = bytes(body[_PAIR])
         item: _Item
         if len(body) > self.piece_size:
             item = _Stream(body, self._next_stream)
@@ -164,7 +164,7 @@ class PieceAssembler:
 
     def __init__(self, budget: int = DEFAULT_MAX_MESSAGE) -> None:
         self.budget = budget
-        self._streams: dict[int, tuple[int, list[bytes]]] = {}
+        self._streams: dict[int, tuple[int, list[memoryview]]] = {}
         self._got: dict[int, int] = {}
         #: the totals of the streams begun and not finished
         self.in_flight = 0
@@ -194,7 +194,7 @@ class PieceAssembler:
         elif stream not in self._streams:
             raise ProtocolError(f"a piece of stream {stream}, which never started")
         total, chunks = self._streams[stream]
-        chunk = frame[start:]
+        chunk = memoryview(frame)[start:]
         got = self._got[stream] + len(chunk)
         if got > total or (flags & LAST and got != total):
             raise ProtocolError(f"the pieces of stream {stream} make {got} bytes, "
