@@ -3,6 +3,7 @@ loses it, re-joining with its harbor, incarnation and names; links and calls go 
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -75,7 +76,7 @@ def test_each_attempt_tries_the_next_master_in_turn() -> None:
     clock = Clock()
     client = MasterClient(clock, ["loopback:nobody1", "loopback:nobody2", "loopback:m3"],
                           SECRET, Listener(), None, retry_initial=0.1, retry_max=0.2)
-    third, _ = master_at(clock, "loopback:m3")
+    master_at(clock, "loopback:m3")
     tried = []
     client.start()
     for _ in range(40):
@@ -95,3 +96,16 @@ def test_a_bad_master_in_the_list_is_one_clear_error() -> None:
         MasterClient(Clock(), ["loopback:m1", "nosuch:x"], SECRET, Listener())
     with pytest.raises(ConfigurationError, match="no master endpoint"):
         MasterClient(Clock(), [], SECRET, Listener())
+
+
+def test_connections_that_fail_after_connecting_still_back_off() -> None:
+    """A master that accepts the connection and then fails it (TLS refused, handshake
+    dropped) resets ClientService's count of failures at each connection; the client keeps
+    its own, so it backs off all the same instead of retrying ten times a second."""
+    clock = Clock()
+    client = MasterClient(clock, "loopback:m1", SECRET, Listener(), None,
+                          retry_initial=0.1, retry_max=2.0, rng=random.Random(1))
+    assert client.retry_delay(0) <= 0.1
+    for _ in range(6):  # six connections made, none welcomed
+        client._new_attempt()
+    assert client.retry_delay(0) >= 1.0  # as if the sixth failure in a row

@@ -304,7 +304,7 @@ class HarborLink(FrameProtocol):
             if self.up:
                 with contextlib.suppress(ProtocolError, QueueFull):
                     self._send_control(LinkRefused(reason))  # so the peer knows why
-            self.transport.loseConnection()
+            self.close_connection()
 
     # --- congestion (FrameProtocol hooks) -----------------------------------------------
 
@@ -324,7 +324,7 @@ class HarborLink(FrameProtocol):
         if self.up:
             if isinstance(message, LinkRefused):
                 self._lost_reason = HarborDown(f"peer closed the link: {message.reason}")
-                self.transport.loseConnection()  # type: ignore[union-attr]
+                self.close_connection()
                 return
             if isinstance(message, LinkRetired):
                 # The peer sends nothing more here; everything it sent before is read.
@@ -332,14 +332,14 @@ class HarborLink(FrameProtocol):
                     self.sink.link_retired(self)
                     self.retire(message.reason)
                 self._lost_reason = HarborDown(f"duplicate link retired: {message.reason}")
-                self.transport.loseConnection()  # type: ignore[union-attr]
+                self.close_connection()
                 return
             raise ProtocolError(f"unexpected {type(message).__name__} on an up link")
         if isinstance(message, LinkRefused):
             self._lost_reason = HandshakeRefused(f"peer refused the link: {message.reason}")
             self.log.warn("{peer} refused the link: {reason}",
                           peer=describe_peer(self.transport), reason=message.reason)
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.close_connection()
             return
         try:
             step = self._handshake.receive(message)
@@ -375,7 +375,7 @@ class HarborLink(FrameProtocol):
                        error=str(error))
         self._lost_reason = error
         self._send_control(LinkRefused(told))
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.close_connection()
 
     def _send_control(self, message: object) -> None:
         self.send_frame(_CONTROL + HARBOR_CODEC.encode(message))
@@ -398,7 +398,7 @@ class HarborLink(FrameProtocol):
         self._timer = None
         self._lost_reason = HarborDown("the peer never retired the duplicate link")
         if self.transport is not None:
-            self.transport.loseConnection()
+            self.close_connection()
 
 
 @attrs.define

@@ -196,7 +196,7 @@ class MasterClientProtocol(FrameProtocol):
                 self._stop_deadline()
                 client._from(self, client._machine.refused, outcome.reason)
                 if self.transport is not None:
-                    self.transport.loseConnection()
+                    self.close_connection()
             elif isinstance(outcome, Authenticated):
                 self._stop_deadline()
                 self.authenticated()  # the master proved the secret: its table may be large
@@ -344,6 +344,9 @@ class MasterClient:
         #: names with a BindName of ours in flight
         self._binding: set[str] = set()
         self._attempts = 0
+        #: attempts since the last welcome: a connection that is made and then fails (TLS
+        #: refused, handshake failed) resets ClientService's count, not this one
+        self._unwelcomed = 0
         self._attempt_started: dict[int, float] = {}
         self._building = 0
         self._machine = ClientMachine(self)
@@ -355,6 +358,8 @@ class MasterClient:
 
     def stop(self) -> Deferred[None]:
         self._feed(self._machine.stop)
+        if self.current is not None:  # closed our way first: see close_connection
+            self.current.close_connection()
         stopped: Deferred[None] = self._service.stopService()
         return stopped
 
@@ -381,6 +386,7 @@ class MasterClient:
     def retry_delay(self, attempt: int) -> float:
         """The wait before the next attempt: doubling from ``retry_initial``, capped at
         ``retry_max``, then 50 to 100 % of that at random."""
+        attempt = max(attempt, self._unwelcomed - 1)
         delay = min(self.retry_max, self.retry_initial * 2.0 ** min(attempt, 30))
         return delay * self.rng.uniform(0.5, 1.0)
 
@@ -482,6 +488,7 @@ class MasterClient:
 
     def _new_attempt(self) -> int:
         self._attempts += 1
+        self._unwelcomed += 1
         self._attempt_started = {self._attempts: self.clock.seconds()}
         return self._attempts
 
@@ -520,6 +527,7 @@ class MasterClient:
     # --- what the machine's behaviours do ----------------------------------------------
 
     def _welcome(self, welcome: Welcome) -> None:
+        self._unwelcomed = 0
         first = self.welcomes == 0
         self.welcomes += 1
         self.harbor = welcome.harbor
@@ -683,8 +691,7 @@ def _build_client_machine() -> Callable[[MasterClient], _ClientInputs]:
     @refused.upon(I.connected).loop()
     @stopped.upon(I.connected).loop()
     def unwanted(c: _ClientInputs, s: MasterClient, protocol: MasterClientProtocol) -> None:
-        if protocol.transport is not None:
-            protocol.transport.loseConnection()
+        protocol.close_connection()
 
     @handshaking.upon(I.proven).to(joining)
     def proven(c: _ClientInputs, s: MasterClient) -> None:
@@ -693,6 +700,7 @@ def _build_client_machine() -> Callable[[MasterClient], _ClientInputs]:
     @handshaking.upon(I.observing).to(up)
     def observing(c: _ClientInputs, s: MasterClient) -> None:
         s.state = "up"
+        s._unwelcomed = 0
         s._up()
 
     @handshaking.upon(I.welcomed).to(up)

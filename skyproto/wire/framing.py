@@ -343,6 +343,17 @@ class FrameProtocol(Protocol):
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
+    def close_connection(self) -> None:
+        """Close after what is written has gone. Our producer is unregistered first: a TLS
+        transport does not begin its shutdown while a streaming producer is registered."""
+        transport = self.transport
+        if transport is None:
+            return
+        unregister = getattr(transport, "unregisterProducer", None)
+        if unregister is not None:
+            unregister()
+        transport.loseConnection()
+
     def drop(self, reason: str, quiet: bool = False) -> None:
         """Abort this connection (only this one), logging why; later frames are ignored.
 
