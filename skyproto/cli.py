@@ -18,9 +18,10 @@ from zope.interface import implementer
 
 from . import __version__
 from .address import format_handle
+from .endpoints import require_tls
 from .errors import ConfigurationError
 from .interfaces import IMasterListener
-from .master.registry import Table
+from .web.status import status_object as status_object  # also imported from here
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,98 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cluster secret (default ~/.skyproto.cookie)")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    add_tls_parser(commands)
     return parser
+
+
+def add_tls_parser(commands: Any) -> None:
+    """``skyproto tls ca`` and ``skyproto tls cert`` (like ``consul tls ca|cert create``)."""
+    from .tls import DEFAULT_CA_DAYS, DEFAULT_CA_NAME, DEFAULT_CERT_DAYS
+
+    tls = commands.add_parser("tls", help="make a cluster CA and node certificates")
+    tls.set_defaults(tls_parser=tls)
+    actions = tls.add_subparsers(dest="tls_command", metavar="ACTION")
+    ca = actions.add_parser("ca", help="make a cluster CA: DIR/ca.pem and DIR/ca.key",
+                            description="Make a cluster CA: an ECDSA P-256 key (DIR/ca.key, "
+                                        "mode 0600) and its self-signed certificate "
+                                        "(DIR/ca.pem).")
+    ca.add_argument("--dir", required=True, metavar="DIR", help="the cluster's TLS directory")
+    ca.add_argument("--name", default=DEFAULT_CA_NAME,
+                    help=f"the CA's common name (default {DEFAULT_CA_NAME!r})")
+    ca.add_argument("--days", type=int, default=DEFAULT_CA_DAYS,
+                    help=f"days of validity (default {DEFAULT_CA_DAYS})")
+    ca.add_argument("--force", action="store_true", help="replace an existing CA")
+    cert = actions.add_parser(
+        "cert", help="make NAME's certificate and key, signed by the CA in DIR",
+        description="Make the TLS identity of NAME (a node, a master, a client) in DIR/NAME: "
+                    "ca.pem, node.crt and node.key (mode 0600), signed by DIR's CA. Its "
+                    "names are NAME, localhost, 127.0.0.1 and every --san.")
+    cert.add_argument("name", metavar="NAME", help="letters, digits, '.', '_' or '-'")
+    cert.add_argument("--dir", required=True, metavar="DIR",
+                      help="the cluster's TLS directory (made by skyproto tls ca)")
+    cert.add_argument("--san", action="append", default=[], metavar="HOST_OR_IP",
+                      help="another host name or IP address peers dial it by (repeatable)")
+    cert.add_argument("--days", type=int, default=DEFAULT_CERT_DAYS,
+                      help=f"days of validity (default {DEFAULT_CERT_DAYS})")
+    cert.add_argument("--force", action="store_true", help="replace an existing identity")
+
+
+def tls_ca(directory: str, name: str, days: int, force: bool) -> None:
+    """``skyproto tls ca``: write the CA, say where, and what comes next."""
+    from pathlib import Path
+
+    from .tls import create_ca, save_ca
+
+    certificate, key = save_ca(Path(directory), create_ca(name, days), force)
+    print(f"CA certificate: {certificate}")
+    print(f"CA key:         {key} (mode 0600; it signs new certificates: keep it off the "
+          "nodes)")
+    print(f"next, for each master, node and client: skyproto tls cert NAME --dir {directory}")
+
+
+def tls_cert(directory: str, name: str, sans: list[str], days: int, force: bool) -> None:
+    """``skyproto tls cert``: write NAME's identity and print the endpoint strings for it."""
+    from pathlib import Path
+
+    from .endpoints import quote_field
+    from .tls import create_certificate, load_ca, save_identity, subject_alternative_names
+
+    ca = load_ca(Path(directory))
+    subject_alternative_names(name, sans)  # every --san checked before anything is made
+    node = create_certificate(ca, name, sans, days)
+    identity = save_identity(Path(directory) / name, ca, node, force)
+    home = quote_field(str(identity.directory.resolve()))
+    crt = quote_field(str(identity.certificate.resolve()))
+    key = quote_field(str(identity.key.resolve()))
+    names = ", ".join(str(n.value) for n in subject_alternative_names(name, sans))
+    until = node.certificate.not_valid_after_utc.strftime("%Y-%m-%d")
+    print(f"TLS identity of {name}: {identity.directory} (ca.pem, node.crt, node.key with "
+          "mode 0600)")
+    print(f"valid for {names}, until {until}")
+    print("skyproto endpoints (both sides present a certificate and check the other's "
+          "against ca.pem):")
+    print(f"  listen:  skytls:PORT:interface=127.0.0.1:dir={home}")
+    print(f"  connect: skytls:HOST:PORT:dir={home}")
+    print(f"  or give twistd skymaster/skynode --tls-dir {home} and leave out dir=")
+    print("Twisted's own endpoints (e.g. a gate for outside clients; no client certificates):")
+    print(f"  listen:  ssl:PORT:interface=127.0.0.1:privateKey={key}:certKey={crt}")
+    print(f"  connect: tls:HOST:PORT:trustRoots={home}:certificate={crt}:privateKey={key}")
+
+
+def run_tls(args: argparse.Namespace) -> int:
+    """``skyproto tls ...``: a user mistake is one line on stderr and exit status 1."""
+    try:
+        if args.tls_command == "ca":
+            tls_ca(args.dir, args.name, args.days, args.force)
+        elif args.tls_command == "cert":
+            tls_cert(args.dir, args.name, args.san, args.days, args.force)
+        else:
+            args.tls_parser.print_help()
+            return 2
+    except ConfigurationError as e:
+        print(f"skyproto: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 @implementer(IMasterListener)
@@ -56,19 +148,6 @@ class _Observer:
 
     def master_lost(self, reason: str) -> None:
         pass
-
-
-def status_object(table: Table) -> dict[str, Any]:
-    """The ``--json`` form of the master's table."""
-    return {
-        "harbors": [
-            {"id": r.harbor, "name": r.node, "endpoint": r.endpoint,
-             "incarnation": r.incarnation, "up": True, "up_since": r.up_since}
-            for r in table.harbors
-        ],
-        "names": dict(sorted(table.names.items())),
-        "sequence": table.sequence,
-    }
 
 
 async def show_status(reactor: Any, endpoint: str, secret_file: str | None, as_json: bool,
@@ -138,6 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; user mistakes are one line on stderr and exit status 1 or 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "tls":
+        return run_tls(args)
+    endpoint_option = {"names": ("--mapper", "mapper"), "status": ("--master", "master")}
+    if args.command in endpoint_option:
+        option, attribute = endpoint_option[args.command]
+        try:
+            require_tls(option, getattr(args, attribute) or "tcp:")
+        except ConfigurationError as e:
+            print(f"skyproto: error: {e}", file=sys.stderr)
+            return 1
     if args.command == "names":
         from .tap import mapper_port
 

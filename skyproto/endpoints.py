@@ -7,6 +7,11 @@ reactor: what a node advertises to its mapper (:func:`harbor_tcp_port`,
 :func:`client_endpoint_for`), the endpoint to dial for a resolved address
 (:func:`tcp_endpoint`), how an endpoint reads in a log line (:func:`describe_endpoint`),
 and whether an option's value is a node name or an endpoint (:func:`is_node_name`).
+
+TLS: :func:`uses_tls` tells the kinds that need pyOpenSSL (``ssl:``, ``tls:``, skyproto's
+``skytls:``), :func:`require_tls` turns a missing pyOpenSSL into one clear line, and
+:func:`listener_client_endpoint` names the scheme a port really listens on, so an
+``ssl:``/``skytls:`` listener is logged and advertised as such, not as ``tcp:``.
 """
 
 from __future__ import annotations
@@ -14,20 +19,41 @@ from __future__ import annotations
 from typing import Final
 
 from .address import NodeName
-from .errors import AddressError
+from .errors import AddressError, ConfigurationError
 
 __all__ = [
+    "TLS_INSTALL_HINT",
+    "TLS_KINDS",
     "client_endpoint_for",
     "describe_endpoint",
+    "endpoint_host",
     "harbor_tcp_port",
     "is_node_name",
+    "is_wildcard_interface",
+    "listener_client_endpoint",
     "parse_endpoint_description",
     "quote_field",
+    "require_tls",
+    "require_tls_support",
     "tcp_endpoint",
+    "tls_available",
+    "uses_tls",
 ]
 
 #: Options of ``unix:`` that only a listening endpoint takes (dropped from the client form).
 _UNIX_SERVER_ONLY_OPTIONS: Final = frozenset({"mode", "lockfile", "backlog", "wantPID"})
+
+#: Endpoint kinds that need pyOpenSSL and service_identity (Twisted's ``tls`` extra).
+TLS_KINDS: Final = frozenset({"ssl", "tls", "skytls"})
+TLS_INSTALL_HINT: Final = "pip install 'skyproto[tls]'"
+
+#: Options of TLS client strings that name this process's own key and certificate files:
+#: never advertised (each peer presents its own), by kind.
+_TLS_OWN_FILES: Final = {
+    "ssl": frozenset({"privateKey", "certKey"}),
+    "tls": frozenset({"privateKey", "certificate"}),
+    "skytls": frozenset({"dir"}),
+}
 
 
 def is_node_name(text: str) -> bool:
@@ -125,14 +151,69 @@ def client_endpoint_for(endpoint: str) -> str:
     """The client form of a listening endpoint, for peers to dial: what goes in Extra.
 
     ``unix:PATH`` loses its server-only options (``mode``, ``lockfile``, ``backlog``,
-    ``wantPID``); other kinds are returned unchanged, so give their client form.
+    ``wantPID``); a TLS client string loses the options that name this process's own key
+    and certificate (``skytls:`` ``dir=``, ``ssl:`` ``privateKey``/``certKey``, ``tls:``
+    ``privateKey``/``certificate``): a peer dialing it presents its own. Other kinds are
+    returned unchanged, so give their client form.
     """
     kind, args, kwargs = parse_endpoint_description(endpoint)
-    if kind.lower() != "unix":
+    dropped = _TLS_OWN_FILES.get(kind.lower())
+    if kind.lower() == "unix":
+        dropped = _UNIX_SERVER_ONLY_OPTIONS
+    if dropped is None or (kind.lower() != "unix" and not dropped & kwargs.keys()):
         return endpoint
-    kept = [f"{quote_field(k)}={quote_field(v)}" for k, v in kwargs.items()
-            if k not in _UNIX_SERVER_ONLY_OPTIONS]
+    kept = [f"{quote_field(k)}={quote_field(v)}" for k, v in kwargs.items() if k not in dropped]
     return ":".join([kind, *(quote_field(a) for a in args), *kept])
+
+
+def uses_tls(endpoint: str) -> bool:
+    """True for ``ssl:``, ``tls:`` and ``skytls:`` strings (the kinds needing pyOpenSSL)."""
+    return parse_endpoint_description(endpoint)[0].lower() in TLS_KINDS
+
+
+def tls_available() -> bool:
+    """Whether pyOpenSSL and service_identity import (``pip install 'skyproto[tls]'``).
+
+    Without service_identity Twisted would connect without checking host names, so both
+    are required."""
+    try:
+        import OpenSSL.SSL  # noqa: F401
+        import service_identity  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_tls_support(what: str) -> None:
+    """:class:`ConfigurationError` (one line starting with ``what``) unless TLS support is
+    installed."""
+    if not tls_available():
+        raise ConfigurationError(
+            f"{what} needs pyOpenSSL and service_identity, which are not installed: "
+            f"{TLS_INSTALL_HINT}")
+
+
+def require_tls(option: str, endpoint: str) -> None:
+    """:class:`ConfigurationError` (one line naming ``option``) if ``endpoint`` needs TLS
+    support that is not installed; nothing otherwise."""
+    if uses_tls(endpoint):
+        require_tls_support(f"{option} {endpoint}")
+
+
+def listener_client_endpoint(listen: str | None, host: str, port: int) -> str:
+    """The client string for a port listening at ``host:port`` as ``listen`` describes.
+
+    ``skytls:`` listeners give ``skytls:HOST:PORT`` (each dialer adds its own identity);
+    Twisted's ``ssl:`` and ``tls:`` listeners give ``ssl:HOST:PORT`` (encrypted, but
+    Twisted's servers ask for no client certificate and the client checks none); anything
+    else (or no ``listen``) gives ``tcp:HOST:PORT``. An IPv6 ``host`` uses ``host=`` and
+    ``port=`` with the colons escaped.
+    """
+    kind = parse_endpoint_description(listen)[0].lower() if listen else "tcp"
+    scheme = {"skytls": "skytls", "ssl": "ssl", "tls": "ssl"}.get(kind, "tcp")
+    if ":" in host:
+        return f"{scheme}:host={quote_field(host)}:port={port}"
+    return f"{scheme}:{host}:{port}"
 
 
 def tcp_endpoint(address: str, port: int) -> str:
@@ -140,6 +221,27 @@ def tcp_endpoint(address: str, port: int) -> str:
     if ":" in address:
         return f"tcp6:{quote_field(address)}:{port}"
     return f"tcp:{address}:{port}"
+
+
+#: Client endpoint kinds whose first argument (or ``host=``) is the host they dial.
+_HOST_KINDS: Final = frozenset({"tcp", "tcp6", "ssl", "tls", "skytls"})
+
+
+def endpoint_host(endpoint: str) -> str | None:
+    """The host a ``tcp:``/``tcp6:``/``ssl:``/``tls:``/``skytls:`` client endpoint dials
+    (``tcp:db1:2013`` -> ``db1``, ``tcp:host=10.0.0.1:port=2013`` -> ``10.0.0.1``); None
+    for other kinds (``unix:``, ``loopback:``, plugins) or a string without a host."""
+    kind, args, kwargs = parse_endpoint_description(endpoint)
+    if kind.lower() not in _HOST_KINDS:
+        return None
+    host = kwargs.get("host", args[0] if args else "")
+    return None if not host or host.isdigit() else host  # tcp:2013:... is a server string
+
+
+def is_wildcard_interface(address: str) -> bool:
+    """True for the addresses that mean "every interface" (``0.0.0.0``, ``::``, ``""``):
+    a port bound there is reachable on all of them, and dialable at none of them."""
+    return address in ("", "0.0.0.0", "::", "0:0:0:0:0:0:0:0")
 
 
 def describe_endpoint(endpoint: str) -> str:

@@ -223,14 +223,17 @@ class GateClient:
 
     def _answer(self, text: str) -> None:
         """A reply known at once (a malformed request), in its place after earlier ones."""
+        self.factory.requests_malformed += 1
         self.replies.append([text])
         self._flush()
 
     def _replied(self, reply: Any, slot: list[Any]) -> None:
+        self.factory.requests_answered += 1
         slot[0] = reply if isinstance(reply, str) else f"ERROR unexpected reply {reply!r}"
         self._flush()
 
     def _failed(self, failure: Failure, slot: list[Any]) -> None:
+        self.factory.requests_failed += 1
         names = None
         if failure.check(NoSuchService):
             node = self.factory.node
@@ -434,6 +437,10 @@ class GateFactory(Factory):
         self.accepted = 0
         self.evicted = 0
         self.refused = 0
+        #: requests by outcome: answered (a reply), failed (the call failed), malformed
+        self.requests_answered = 0
+        self.requests_failed = 0
+        self.requests_malformed = 0
         self._told_full = False
 
     def buildProtocol(self, addr: Any) -> Protocol:

@@ -87,36 +87,73 @@ class IHarborLink(Interface):
 
 
 class IRegistry(Interface):
-    """The master's state: harbor id -> node, global name -> handle. Pure: no I/O.
+    """The master's state behind one interface: harbor id -> node, global name -> handle.
 
-    Every mutating method returns the change events it caused (each with the new
-    sequence number) so the protocol layer can push them; a persistent or consensus-backed
-    store implements the same interface.
+    The master's protocol code (``master/server.py``) knows only this and the classes of
+    ``master/records.py``. A store may need I/O to decide a change (etcd), so every change
+    is asynchronous: it returns a Deferred (the in-memory store's have fired already),
+    failing with ``RegistryRefusal`` (refused, with the reason), ``RegistryUnavailable``
+    (cannot decide now; nothing granted) or anything else (a bug, logged by the caller).
+
+    Reads are synchronous and answer from the store's current view. Every change, whoever
+    made it (this master, another master sharing the store, an expired lease), reaches
+    each subscriber (:class:`IRegistryListener`) in sequence order, before the Deferred of
+    the change that caused it fires: a master pushes changes from its subscription only.
+    Sequence numbers only grow; each event has its own (etcd: the revision of its change),
+    but they need not be contiguous.
     """
 
-    sequence = Attribute("The sequence number of the last change.")
+    kind = Attribute("What keeps the state, for status output: 'memory' or 'etcd'.")
+    sequence = Attribute("The sequence number of the last change in the view.")
 
     def snapshot() -> Any:
-        """The whole table and its sequence number."""
+        """The whole table (a ``Table``) and its sequence number."""
 
     def lookup(name: str) -> int | None:
         """The handle bound to a global name, or None."""
 
-    def join(harbor: int, node: str, endpoint: str, incarnation: int, names: Any,
-             now: float) -> Any:
-        """Admit a node (harbor 0: assign one) and re-bind the names it holds.
+    def harbor(harbor: int) -> Any:
+        """The live ``HarborRecord`` of a harbor id, or None."""
 
-        Returns the harbor, the names refused (taken by others) and the events; raises
-        RegistryRefusal if the harbor id is held by a live node."""
+    def subscribe(listener: IRegistryListener) -> Any:
+        """Tell ``listener`` every change from now on; returns the function that stops it."""
 
-    def leave(harbor: int, incarnation: int, reason: str) -> Any:
-        """Remove a dead harbor (that incarnation only) and its names; returns the events."""
+    def start() -> Any:
+        """Deferred that fires once the store can answer (its view loaded)."""
 
-    def bind(name: str, handle: int, requester: int) -> Any:
-        """Bind a global name (first writer wins); returns the events or raises."""
+    def stop() -> Any:
+        """Deferred that fires once the store has let go of its resources. What the
+        sessions of this master hold is not released: it lives on for its time (a lease)
+        so its nodes can re-join another master without leaving the table."""
 
-    def unbind(name: str, requester: int) -> Any:
-        """Remove a global name owned by the requester's harbor; returns the events."""
+    def admit(harbor: int, node: str, endpoint: str, incarnation: int, names: Any,
+              now: float) -> Any:
+        """Deferred of a ``Joined``: admit a node (harbor 0: assign an id) and bind the
+        names it holds (those held by others are refused one by one).
+
+        Fails with ``HarborHeld`` (a ``RegistryRefusal``) if a live node holds the id."""
+
+    def depart(harbor: int, incarnation: int, reason: str) -> Any:
+        """Deferred of the events: remove a harbor (that incarnation only) and its names."""
+
+    def claim_name(name: str, handle: int, requester: int) -> Any:
+        """Deferred of the events: bind a global name to a handle on the requester's
+        harbor; first writer wins, and the same binding again changes nothing."""
+
+    def release_name(name: str, requester: int) -> Any:
+        """Deferred of the events: remove a global name the requester's harbor holds."""
+
+
+class IRegistryListener(Interface):
+    """What a registry reports to: the master's server."""
+
+    def registry_changed(events: Any) -> None:
+        """Changes in sequence (a tuple of events), whoever made them."""
+
+    def registry_lost(harbor: int, incarnation: int, reason: str) -> None:
+        """What this store registered for a harbor's session is gone without a ``depart``
+        (its lease expired while the store was cut off, another master took it over):
+        the session must end, and its node re-join."""
 
 
 class IMasterService(Interface):

@@ -8,10 +8,11 @@ file, endpoints, services, a port already taken) in the ``make_*`` functions.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService, Service
@@ -26,17 +27,32 @@ from twisted.python.failure import Failure
 
 from .address import NodeName, check_harbor, format_handle
 from .auth import load_secret
-from .endpoints import is_node_name, parse_endpoint_description
+from .endpoints import (
+    endpoint_host,
+    is_node_name,
+    is_wildcard_interface,
+    listener_client_endpoint,
+    parse_endpoint_description,
+    quote_field,
+    require_tls,
+    require_tls_support,
+)
 from .errors import AddressError, ConfigurationError
 from .gate import FRAMINGS, GateConfig, GateFactory
+from .interfaces import IRegistry
+from .logformat import DaemonService, JSONLinesObserver, log_file, log_format
 from .mapper.epmd import DEFAULT_PORT as EPMD_PORT
 from .mapper.server import MapperServerFactory, relaxed_from_environ
+from .master.etcd_client import EtcdClient
+from .master.etcd_store import DEFAULT_LEASE_TTL, DEFAULT_PREFIX, EtcdRegistry
 from .master.registry import InMemoryRegistry
 from .master.server import MasterService
 from .node.host_mapper import HostMapper
 from .node.node import Node
 from .node.resolver import NodeResolver
 from .services import load_service_class
+from .web.address import http_endpoint, http_url
+from .web.site import Web, mapper_web, master_web, node_web
 from .wire.framing import DEFAULT_MAX_FRAME
 
 log = Logger()
@@ -60,6 +76,20 @@ class OneLineOptions(usage.Options):
             exit_with(f"{e} (see: twistd {self.program} --help)", self.program)
 
 
+class DaemonOptions(OneLineOptions):
+    """What every daemon takes: ``--http`` (metrics, health, the cluster page) and
+    ``--log-format``."""
+
+    optParameters: list[list[Any]] = [
+        ["http", None, None,
+         "Serve /metrics, /health (and on a master the cluster page) here: an endpoint, "
+         "or a bare port for 127.0.0.1 (tcp: without interface= means 127.0.0.1 too). "
+         "Default: off.", http_endpoint],
+        ["log-format", None, "text", "Log lines as text, or json: one JSON object per "
+         "line with the structured fields.", log_format],
+    ]
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -74,7 +104,61 @@ def _positive_int(text: str) -> int:
     return value
 
 
-class MasterOptions(OneLineOptions):
+TLS_DIR_HELP = ("This daemon's TLS identity directory (ca.pem, node.crt, node.key, made by "
+                "'skyproto tls cert NAME --dir D'), used by every skytls: endpoint without "
+                "dir=, including the skytls: addresses other nodes advertise.")
+
+
+def configure_tls(options: Mapping[str, Any], endpoints: Iterable[tuple[str, str | None]],
+                  program: str) -> None:
+    """Before anything listens: TLS endpoints without pyOpenSSL, and an unusable
+    ``--tls-dir``, are one line and exit 1. ``endpoints``: (option, value) pairs."""
+    given = [(option, endpoint) for option, endpoint in endpoints if endpoint is not None]
+    try:
+        for option, endpoint in given:
+            require_tls(option, endpoint)
+        if options.get("tls-dir") is not None:
+            require_tls_support("--tls-dir")
+            from .transports.tls import set_default_identity
+
+            set_default_identity(options["tls-dir"])
+        else:
+            for option, endpoint in given:
+                kind, _, kwargs = parse_endpoint_description(endpoint)
+                if kind.lower() == "skytls" and option != "--advertise" and \
+                        not kwargs.get("dir"):
+                    raise ConfigurationError(
+                        f"{option} {endpoint} has no TLS identity: give --tls-dir DIR "
+                        "(or dir=DIR in the endpoint)")
+    except ConfigurationError as e:
+        exit_with(str(e), program)
+
+
+def parse_store(text: str) -> list[str]:
+    """``--store``: ``memory`` (no URLs) or ``etcd:URL[,URL...]`` (the URLs)."""
+    if text == "memory":
+        return []
+    kind, colon, rest = text.partition(":")
+    if kind != "etcd" or not colon:
+        raise ValueError(f"{text!r} is neither 'memory' nor etcd:URL[,URL...]")
+    urls = [url.strip() for url in rest.split(",")]
+    for url in urls:
+        scheme, _, where = url.partition("://")
+        host, _, port = where.rstrip("/").rpartition(":")
+        if scheme not in ("http", "https") or not host or not port.isdigit() or \
+                not 0 < int(port) < 65536:
+            raise ValueError(f"{url!r} is not an etcd client URL like http://127.0.0.1:2379")
+    return urls
+
+
+def _lease_ttl(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise ValueError(f"{text} is below etcd's shortest lease of 2 s")
+    return value
+
+
+class MasterOptions(DaemonOptions):
     """Options for ``twistd skymaster``."""
 
     program = "skymaster"
@@ -85,14 +169,30 @@ class MasterOptions(OneLineOptions):
         ["listen", None, "tcp:2013:interface=127.0.0.1", "Endpoint to listen on."],
         ["secret-file", None, "~/.skyproto.cookie",
          "Cluster secret (created with mode 0600 if missing)."],
+        ["tls-dir", None, None, TLS_DIR_HELP],
         ["heartbeat-interval", None, 1.0, "Seconds between heartbeats.", _positive_float],
         ["heartbeat-timeout", None, 3.0, "Seconds of silence before a node is down.",
          _positive_float],
+        ["store", None, "memory", "Where the registry lives: 'memory' (this process only) "
+         "or etcd:URL[,URL...] (etcd v3 client URLs, e.g. etcd:http://127.0.0.1:2379; any "
+         "number of masters may share one etcd).", parse_store],
+        ["store-prefix", None, DEFAULT_PREFIX, "With --store etcd: the key prefix (masters "
+         "with the same prefix share one table)."],
+        ["store-lease-ttl", None, DEFAULT_LEASE_TTL, "With --store etcd: seconds a node's "
+         "keys outlive a master that stopped renewing them (at least 2).", _lease_ttl],
     ]
 
     def postOptions(self) -> None:
         if self["heartbeat-timeout"] <= self["heartbeat-interval"]:
             raise usage.UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
+        if isinstance(self["store"], str):  # the default, not passed through parse_store
+            self["store"] = parse_store(self["store"])
+        prefix = self["store-prefix"]
+        if not prefix.startswith("/") or not prefix.endswith("/") or \
+                any(c.isspace() for c in prefix):
+            raise usage.UsageError(f"--store-prefix must start and end with '/' and hold no "
+                                   f"spaces, not {prefix!r}")
+
 
 
 def mapper_port(environ: Mapping[str, str]) -> int:
@@ -105,7 +205,7 @@ def mapper_port(environ: Mapping[str, str]) -> int:
     return int(text)
 
 
-class MapperOptions(OneLineOptions):
+class MapperOptions(DaemonOptions):
     """Options for ``twistd skymapper``."""
 
     program = "skymapper"
@@ -127,7 +227,7 @@ class MapperOptions(OneLineOptions):
     ]
 
 
-class NodeOptions(OneLineOptions):
+class NodeOptions(DaemonOptions):
     """Options for ``twistd skynode``."""
 
     program = "skynode"
@@ -143,6 +243,10 @@ class NodeOptions(OneLineOptions):
         ["master", None, None, "Endpoint of the master, e.g. tcp:127.0.0.1:2013."],
         ["mapper", None, None, "This host's port mapper (default tcp:127.0.0.1:"
          "$ERL_EPMD_PORT, or 4369); started in this process if none answers."],
+        ["mapper-listen", None, None, "Where this node runs the mapper when none answers: "
+         "an endpoint, or an interface address for the mapper's port (0.0.0.0: every "
+         "interface, so other hosts can look up name@thishost). Default: where --mapper "
+         "points (127.0.0.1), but every interface when --listen is on every interface."],
         ["gate", None, None,
          "Accept external clients here (e.g. tcp:8888:interface=127.0.0.1)."],
         ["gate-framing", None, "line",
@@ -159,6 +263,7 @@ class NodeOptions(OneLineOptions):
          "its address; the host name when it listens on every interface)."],
         ["secret-file", None, "~/.skyproto.cookie",
          "Cluster secret (created with mode 0600 if missing)."],
+        ["tls-dir", None, None, TLS_DIR_HELP],
         ["timeout", None, 10.0, "Default call timeout in seconds.", _positive_float],
         ["heartbeat-interval", None, 1.0, "Seconds between heartbeats.", _positive_float],
         ["heartbeat-timeout", None, 3.0, "Seconds of silence before a peer is down.",
@@ -231,27 +336,50 @@ class NodeOptions(OneLineOptions):
             raise usage.UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
 
 
-def describe_address(port: IListeningPort) -> str:
-    """Where peers can reach a listening port, as a client endpoint string."""
+def describe_address(port: IListeningPort, listen: str | None = None) -> str:
+    """Where peers can reach a listening port, as a client endpoint string, in the scheme
+    it really listens with (``listen``, its endpoint string: ``ssl:``, ``skytls:``...)."""
     host = port.getHost()
-    if isinstance(host, IPv4Address):
-        return f"tcp:{host.host}:{host.port}"
-    if isinstance(host, IPv6Address):
-        return f"tcp:host={host.host.replace(':', chr(92) + ':')}:port={host.port}"
+    if isinstance(host, IPv4Address | IPv6Address):
+        return listener_client_endpoint(listen, host.host, host.port)
     if isinstance(host, UNIXAddress):
         name = host.name.decode() if isinstance(host.name, bytes) else host.name
         return f"unix:{name}"
     return str(host)
 
 
-def advertised_address(port: IListeningPort) -> str:
-    """Where other nodes reach a listening port: its address, but the host's name when it
-    listens on every interface (0.0.0.0 or ::), which no peer can dial."""
-    address = describe_address(port)
+def advertised_address(port: IListeningPort, listen: str | None = None,
+                       toward: str | Sequence[str] | None = None) -> str:
+    """Where other nodes reach a listening port: its address; when it listens on every
+    interface (0.0.0.0 or ::), which no peer can dial, the address this host reaches
+    ``toward`` (the master's endpoint) from, else the host's name."""
+    address = describe_address(port, listen)
     host = port.getHost()
-    if isinstance(host, IPv4Address | IPv6Address) and host.host in ("0.0.0.0", "::"):
-        return f"tcp:{socket.getfqdn()}:{host.port}"
+    if isinstance(host, IPv4Address | IPv6Address) and is_wildcard_interface(host.host):
+        masters = [toward] if isinstance(toward, str) else list(toward or [])
+        targets = [target for target in map(endpoint_host, masters) if target is not None]
+        local = next(filter(None, map(route_source_address, targets)), None)
+        return listener_client_endpoint(listen, local or socket.getfqdn(), host.port)
     return address
+
+
+def route_source_address(host: str) -> str | None:
+    """The local address this host's packets to ``host`` leave from (the route lookup
+    ``ip route get`` does: a UDP socket's connect, which sends nothing); None if ``host``
+    does not resolve or has no route."""
+    try:
+        found = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError):
+        return None
+    for family, kind, proto, _, where in found:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.connect(where)
+                local: str = probe.getsockname()[0]
+                return local
+        except OSError:
+            continue
+    return None
 
 
 def listen_at_once(listening: Deferred[IListeningPort], what: str,
@@ -333,10 +461,43 @@ def mapper_listen_endpoint(connect: str) -> str:
         f"--mapper {connect!r}: use tcp:HOST:PORT, unix:PATH or loopback:NAME")
 
 
+def hosted_mapper_endpoint(option: str | None, default: str, port_number: int,
+                           harbor_port: IListeningPort) -> str:
+    """Where this node listens when it hosts the mapper: ``--mapper-listen`` (an endpoint,
+    or an interface address with the mapper's port), else ``default``; but on every
+    interface, as epmd does, when the node itself listens on every interface and
+    ``default`` is a ``tcp:`` port on loopback (so other hosts can ask it for us)."""
+    if option:
+        try:
+            address = ipaddress.ip_address(option)
+        except ValueError:
+            return option
+        return f"tcp:{port_number}:interface={quote_field(str(address))}"
+    host = harbor_port.getHost()
+    kind, args, kwargs = parse_endpoint_description(default)
+    interface = kwargs.get("interface", "")
+    if kind == "tcp" and isinstance(host, IPv4Address | IPv6Address) and \
+            is_wildcard_interface(host.host) and _is_loopback(interface) and args:
+        return f"tcp:{args[0]}"
+    return default
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 def make_node_service(options: NodeOptions) -> IService:
     from twisted.internet import reactor
 
     program = "skynode"
+    configure_tls(options, [
+        ("--listen", options["listen"]), ("--master-listen", options["master-listen"]),
+        ("--master", options["master"]), ("--gate", options["gate"]),
+        ("--advertise", options["advertise"]), ("--mapper", options["mapper"]),
+        *(("--peer", endpoint) for _, endpoint in options["peers"])], program)
     top = MultiService()
     try:
         secret = load_secret(options["secret-file"])
@@ -345,7 +506,7 @@ def make_node_service(options: NodeOptions) -> IService:
                                        options["heartbeat-interval"],
                                        options["heartbeat-timeout"])
             ListeningService(master_port).setServiceParent(top)  # type: ignore[no-untyped-call]
-            options["master"] = describe_address(master_port)
+            options["master"] = describe_address(master_port, options["master-listen"])
         port_number = mapper_port(os.environ)
         mapper_at = options["mapper"] or f"tcp:127.0.0.1:{port_number}"
         mapper_listen = mapper_listen_endpoint(mapper_at)
@@ -368,6 +529,8 @@ def make_node_service(options: NodeOptions) -> IService:
             except Exception as e:
                 raise ConfigurationError(f"cannot start service {spec!r}: {e}") from None
         port = listen_now(node.listen(options["listen"]), options["listen"], program)
+        mapper_listen = hosted_mapper_endpoint(options["mapper-listen"], mapper_listen,
+                                               port_number, port)
         gate_port = None
         if options["gate"] is not None:
             gate = GateFactory(node, GateConfig(
@@ -378,7 +541,8 @@ def make_node_service(options: NodeOptions) -> IService:
                                    options["gate"], program)
     except ConfigurationError as e:
         exit_with(str(e), program)
-    address = options["advertise"] or advertised_address(port)
+    address = options["advertise"] or advertised_address(port, options["listen"],
+                                                         toward=options["master"])
     if options["advertise"] and not is_node_name(address):
         try:
             clientFromString(reactor, address)
@@ -386,7 +550,8 @@ def make_node_service(options: NodeOptions) -> IService:
             exit_with(f"--advertise {address!r} is not a client endpoint: {e}", program)
     if gate_port is not None:
         log.info("gate for {target} listening on {address} ({framing} framing)",
-                 target=options["gate-service"], address=describe_address(gate_port),
+                 target=options["gate-service"],
+                 address=describe_address(gate_port, options["gate"]),
                  framing=options["gate-framing"])
         ListeningService(gate_port).setServiceParent(top)  # type: ignore[no-untyped-call]
     node_service: NodeService
@@ -449,9 +614,12 @@ def make_node_service(options: NodeOptions) -> IService:
             "skyproto standalone: master on {master}, harbor {harbor} on {address}, "
             "gate on {gate}, port mapper at {mapper}",
             master=options["master"], harbor=node.harbor, address=address,
-            gate=describe_address(gate_port) if gate_port is not None else "-",
+            gate=describe_address(gate_port, options["gate"]) if gate_port is not None else "-",
             mapper="(none)" if options["no-mapper"] else mapper_at)
-    return top
+    return finish_daemon(reactor, options, program, top, lambda: node_web(
+        node, reactor, host_mapper=lambda: node_service.host_mapper,
+        gate=_factory_of(gate_port, GateFactory) if gate_port is not None else None,
+        master=_factory_of(master_port, MasterService) if options["standalone"] else None))
 
 
 def listen_on(reactor: Any, endpoint: str, factory: Any,
@@ -465,12 +633,13 @@ def listen_on(reactor: Any, endpoint: str, factory: Any,
 
 
 def start_master(reactor: Any, secret: bytes, endpoint: str, program: str,
-                 heartbeat_interval: float, heartbeat_timeout: float) -> IListeningPort:
-    master = MasterService(InMemoryRegistry(), reactor, secret,
+                 heartbeat_interval: float, heartbeat_timeout: float,
+                 registry: IRegistry | None = None) -> IListeningPort:
+    master = MasterService(registry or InMemoryRegistry(), reactor, secret,
                            heartbeat_interval=heartbeat_interval,
                            heartbeat_timeout=heartbeat_timeout)
     port = listen_now(listen_on(reactor, endpoint, master, program), endpoint, program)
-    log.info("skymaster listening on {address}", address=describe_address(port))
+    log.info("skymaster listening on {address}", address=describe_address(port, endpoint))
     return port
 
 
@@ -478,13 +647,54 @@ def make_master_service(options: MasterOptions) -> IService:
     from twisted.internet import reactor
 
     program = "skymaster"
+    configure_tls(options, [("--listen", options["listen"])], program)
     try:
         secret = load_secret(options["secret-file"])
     except ConfigurationError as e:
         exit_with(str(e), program)
-    return ListeningService(start_master(reactor, secret, options["listen"], program,
-                                         options["heartbeat-interval"],
-                                         options["heartbeat-timeout"]))
+    registry = make_registry(reactor, options)
+    port = start_master(reactor, secret, options["listen"], program,
+                        options["heartbeat-interval"], options["heartbeat-timeout"], registry)
+    master = MultiService()
+    RegistryService(registry).setServiceParent(master)  # type: ignore[no-untyped-call]
+    ListeningService(port).setServiceParent(master)  # type: ignore[no-untyped-call]
+    return finish_daemon(reactor, options, program, master,
+                         lambda: master_web(_factory_of(port, MasterService)))
+
+
+def make_registry(reactor: Any, options: MasterOptions) -> IRegistry:
+    """The store ``--store`` names: in memory, or in etcd."""
+    urls = options["store"]
+    if not urls:
+        return InMemoryRegistry()
+    client = EtcdClient.over_treq(urls, reactor)
+    log.info("skymaster keeps its registry in etcd at {urls} (prefix {prefix}, leases of "
+             "{ttl} s)", urls=",".join(urls), prefix=options["store-prefix"],
+             ttl=options["store-lease-ttl"])
+    return EtcdRegistry(client, reactor, prefix=options["store-prefix"],
+                        lease_ttl=options["store-lease-ttl"])
+
+
+class RegistryService(Service):
+    """Starts the registry with the daemon (etcd: loads the table, watches, renews) and
+    stops it with it (before the connections close: a stopping master releases nothing,
+    its nodes re-join another master and keep their keys)."""
+
+    def __init__(self, registry: IRegistry) -> None:
+        self.registry = registry
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        started: Deferred[None] = self.registry.start()
+        started.addErrback(lambda failure: log.failure("the registry did not start", failure))
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        stopped: Deferred[None] = self.registry.stop()
+        client = getattr(self.registry, "client", None)
+        if isinstance(client, EtcdClient):
+            stopped.addCallback(lambda _: client.close())
+        return stopped
 
 
 class ListeningService(Service):
@@ -526,4 +736,47 @@ def make_mapper_service(options: MapperOptions) -> IService:
         factory.port = host.port  # NAMES must report the port we really listen on
     log.info("skymapper listening on {address} (relaxed command check: {relaxed})",
              address=describe_address(port), relaxed=factory.relaxed)
-    return ListeningService(port)
+    return finish_daemon(reactor, options, program, ListeningService(port),
+                         lambda: mapper_web(factory))
+
+
+def _factory_of(port: IListeningPort, kind: type[Any]) -> Any:
+    """The factory a port serves, unwrapped from TLS or other wrapping factories."""
+    factory = getattr(port, "factory", None)
+    for _ in range(8):
+        if isinstance(factory, kind):
+            return factory
+        factory = getattr(factory, "wrappedFactory", None)
+    raise ConfigurationError(f"--http: cannot find the {kind.__name__} behind its listener")
+
+
+def finish_daemon(reactor: Any, options: DaemonOptions, program: str, service: IService,
+                  web: Callable[[], Web]) -> IService:
+    """The daemon's top service: ``service``, and with ``--http`` the web listener (made by
+    ``web``); with ``--log-format json`` twistd logs JSON lines where it would log text."""
+    observer = None
+    if options["log-format"] == "json":
+        twistd = getattr(options, "parent", None)
+        if twistd is not None and (twistd.get("syslog") or twistd.get("logger")):
+            exit_with("--log-format json writes where --logfile says (or to standard "
+                      "output); it does not go with twistd's --syslog or --logger", program)
+        try:
+            observer = JSONLinesObserver(log_file(twistd))
+        except OSError as e:
+            exit_with(f"cannot open the log file: {e}", program)
+    top = DaemonService(observer)
+    service.setServiceParent(top)
+    if options["http"] is not None:
+        try:
+            site = web()
+        except ConfigurationError as e:
+            exit_with(str(e), program)
+        endpoint = options["http"]
+        port = listen_now(listen_on(reactor, endpoint, site.site, program), endpoint, program)
+        address = describe_address(port)
+        log.info("{what} on {url} ({address})",
+                 what="cluster page, /metrics and /health" if site.has_page else
+                 "/metrics and /health", url=http_url(address) or address, address=address)
+        site.service().setServiceParent(top)  # type: ignore[no-untyped-call]
+        ListeningService(port).setServiceParent(top)  # type: ignore[no-untyped-call]
+    return top

@@ -16,7 +16,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 from skyproto.harbor.handshake import LinkHandshake
 from skyproto.harbor.messages import HARBOR_CODEC, LinkChallenge

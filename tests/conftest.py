@@ -8,6 +8,12 @@ from typing import cast
 import pytest
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 
+# Real etcd clusters (tests/etcd.py): defined here once, so that one session-wide cluster
+# serves every module that only reads and writes keys.
+from .etcd import etcd_cluster, fresh_etcd
+
+__all__ = ["etcd_cluster", "events", "fresh_etcd"]
+
 
 @pytest.fixture
 def events() -> Iterator[list[LogEvent]]:

@@ -13,6 +13,7 @@ can check what a relay could read. It exits when stdin closes.
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import struct
@@ -104,10 +105,8 @@ class Relay:
 
     def close(self, *socks: socket.socket) -> None:
         for sock in socks:
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass
             sock.close()
 
     def command(self, stdin: object) -> None:

@@ -451,7 +451,8 @@ def test_stated_record_drops() -> None:
     link.dataReceived(sealer.seal(beat))
     assert link.drop_reason is None
     link.dataReceived(beat)
-    assert link.drop_reason == "a plain frame on a sealed connection"
+    reason: str | None = link.drop_reason  # (mypy: the assert above narrowed it)
+    assert reason == "a plain frame on a sealed connection"
 
     # the one exception: the acceptor refusing LinkProof, in the clear, to a sealed dialer
     link, transport, _ = make_link(1, True, DIALER_SEED, expect_harbor=2)

@@ -16,9 +16,7 @@ from twisted.python.failure import Failure
 
 from skyproto.master.client import JoinInfo, MasterClient, MasterClientProtocol
 from skyproto.master.messages import (
-    PROTOCOL_VERSION,
     GetTable,
-    MasterHello,
     Observe,
     Refused,
     Welcome,

@@ -151,9 +151,10 @@ async def test_a_tampered_harbor_link_fails_at_once_and_never_changes_a_value(
                 await wait_for_line(alpha, FAILED_TO_OPEN, timeout=10)
                 assert FAILED_TO_OPEN in alpha.output()[alpha_offset:]
             else:
-                await wait_for(lambda: logged(events, event_offset, FAILED_TO_OPEN),
+                await wait_for(lambda since=event_offset: logged(events, since, FAILED_TO_OPEN),
                                f"the caller to log why ({mode} {way})", timeout=10)
-            await wait_for(lambda: caller.router.state(1) != "up", "the link to end", 10)
+            await wait_for(lambda node=caller: node.router.state(1) != "up",
+                           "the link to end", 10)
             log(f"harbor link, {mode} {way}: "
                 f"{outcome if isinstance(outcome, str) else type(outcome).__name__}")
             await caller.stop()
@@ -188,7 +189,7 @@ async def test_a_tampered_master_connection_fails_at_once_and_never_changes_a_va
             node.join_master(relay.endpoint, f"tamper{number}@test", describe_address(port))
             client = node.master
             assert client is not None
-            await wait_for(lambda: client.connected, "the node to join through the relay")
+            await wait_for(lambda c=client: c.connected, "the node to join through the relay")
             master_offset, event_offset = len(cluster.master.output()), len(events)
             await relay.arm(mode, way)
             # a name registered through the relay: a changed value would bind another handle
@@ -200,10 +201,11 @@ async def test_a_tampered_master_connection_fails_at_once_and_never_changes_a_va
             else:
                 assert isinstance(outcome, SkyprotoError), f"{mode} {way}: {outcome!r}"
             if way == "up":
-                await wait_for(lambda: FAILED_TO_OPEN in cluster.master.output()[master_offset:],
-                               f"the master to log why ({mode} {way})", timeout=10)
+                await wait_for(
+                    lambda since=master_offset: FAILED_TO_OPEN in cluster.master.output()[since:],
+                    f"the master to log why ({mode} {way})", timeout=10)
             else:
-                await wait_for(lambda: logged(events, event_offset, FAILED_TO_OPEN),
+                await wait_for(lambda since=event_offset: logged(events, since, FAILED_TO_OPEN),
                                f"the node to log why ({mode} {way})", timeout=10)
             status = await cluster.status()
             bound = status["names"].get(f"TAMPER{number}")

@@ -1,93 +1,60 @@
-"""The master's state: harbor id -> node, global name -> handle. Pure: no I/O, no reactor.
+"""The embedded registry: harbor id -> node, global name -> handle, in two dicts.
 
-Every change bumps the sequence number and comes back as an event for the protocol layer
-to push, so a persistent store or one on a consensus system (etcd) can implement
-:class:`~skyproto.interfaces.IRegistry` the same way and the server does not change.
+:class:`InMemoryRegistry` is two things. Its ``join``, ``leave``, ``bind`` and ``unbind``
+are the pure table (no I/O, no reactor, no subscriber told): every change bumps the
+sequence number and comes back as events. Its :class:`~skyproto.interfaces.IRegistry`
+methods (``admit``, ``depart``, ``claim_name``, ``release_name``), which the master uses,
+run the same change, tell every subscriber its events, and answer with a Deferred that has
+already fired, so tests over it stay deterministic. The etcd store
+(:mod:`skyproto.master.etcd_store`) implements the same interface over several masters.
 Rules: a harbor id held by a live node is refused; a dead node's id is free at once; the
 first writer of a name wins; names die with their harbor. ``--harbor auto`` ids come from
 the top of the range (255 downward), never an id a fixed-id node has used while another
 is free, so auto nodes do not take the ids of fixed nodes that crashed or start later.
+The result and event classes live in :mod:`skyproto.master.records` (and are importable
+from here as before).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import attrs
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from ..address import HARBOR_MAX, HARBOR_MIN, harbor_of
-from ..errors import SkyprotoError
-from ..interfaces import IRegistry
+from ..address import harbor_of
+from ..interfaces import IRegistry, IRegistryListener
+from .records import (
+    ALL_TAKEN,
+    Event,
+    HarborHeld,
+    HarborJoined,
+    HarborLeft,
+    HarborRecord,
+    Joined,
+    NameBound,
+    NameUnbound,
+    RegistryRefusal,
+    RegistryUnavailable,
+    Table,
+    check_binding,
+    check_harbor_id,
+    free_harbors,
+    taken_message,
+)
 
-
-class RegistryRefusal(SkyprotoError):
-    """A join or a name operation the registry refuses; the message says why."""
-
-
-@attrs.frozen
-class HarborRecord:
-    """One live harbor as the master knows it."""
-
-    harbor: int
-    node: str
-    endpoint: str
-    incarnation: int
-    up_since: float
-
-
-@attrs.frozen
-class Table:
-    """Everything, with the sequence number of the last change it includes."""
-
-    sequence: int
-    harbors: tuple[HarborRecord, ...]
-    names: dict[str, int]
-
-
-@attrs.frozen
-class HarborJoined:
-    sequence: int
-    record: HarborRecord
-
-
-@attrs.frozen
-class HarborLeft:
-    sequence: int
-    harbor: int
-    incarnation: int
-    reason: str
-
-
-@attrs.frozen
-class NameBound:
-    sequence: int
-    name: str
-    handle: int
-
-
-@attrs.frozen
-class NameUnbound:
-    sequence: int
-    name: str
-    handle: int
-
-
-Event = HarborJoined | HarborLeft | NameBound | NameUnbound
-
-
-@attrs.frozen
-class Joined:
-    """The outcome of an accepted join: the harbor id, names refused, events to push."""
-
-    harbor: int
-    refused_names: tuple[str, ...]
-    events: tuple[Event, ...]
+__all__ = [
+    "Event", "HarborHeld", "HarborJoined", "HarborLeft", "HarborRecord", "InMemoryRegistry",
+    "Joined", "NameBound", "NameUnbound", "RegistryRefusal", "RegistryUnavailable", "Table",
+]
 
 
 @implementer(IRegistry)
 class InMemoryRegistry:
     """The embedded default registry: everything in two dicts."""
+
+    kind = "memory"
 
     def __init__(self) -> None:
         self.sequence = 0
@@ -95,6 +62,7 @@ class InMemoryRegistry:
         self._names: dict[str, int] = {}
         #: ids that nodes asked for by number: auto nodes get them only when nothing else is free
         self._fixed: set[int] = set()
+        self._listeners: list[IRegistryListener] = []
 
     # --- queries -----------------------------------------------------------------------
 
@@ -108,23 +76,65 @@ class InMemoryRegistry:
     def lookup(self, name: str) -> int | None:
         return self._names.get(name)
 
-    # --- changes -----------------------------------------------------------------------
+    # --- IRegistry: what the master uses -------------------------------------------------
+
+    def subscribe(self, listener: IRegistryListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def start(self) -> Deferred[None]:
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def admit(self, harbor: int, node: str, endpoint: str, incarnation: int,
+              names: Mapping[str, int], now: float) -> Deferred[Joined]:
+        try:
+            joined = self.join(harbor, node, endpoint, incarnation, names, now)
+        except RegistryRefusal as e:
+            return fail(e)
+        self._tell(joined.events)
+        return succeed(joined)
+
+    def depart(self, harbor: int, incarnation: int, reason: str) -> Deferred[tuple[Event, ...]]:
+        return self._told(self.leave, harbor, incarnation, reason)
+
+    def claim_name(self, name: str, handle: int,
+                   requester: int) -> Deferred[tuple[Event, ...]]:
+        return self._told(self.bind, name, handle, requester)
+
+    def release_name(self, name: str, requester: int) -> Deferred[tuple[Event, ...]]:
+        return self._told(self.unbind, name, requester)
+
+    def _told(self, change: Callable[..., tuple[Event, ...]],
+              *args: Any) -> Deferred[tuple[Event, ...]]:
+        """Run a pure change; a refusal fails the Deferred, anything else raises here."""
+        try:
+            events = change(*args)
+        except RegistryRefusal as e:
+            return fail(e)
+        self._tell(events)
+        return succeed(events)
+
+    def _tell(self, events: tuple[Event, ...]) -> None:
+        if events:
+            for listener in list(self._listeners):
+                listener.registry_changed(events)
+
+    # --- the pure table: changes that tell nobody ----------------------------------------
 
     def join(self, harbor: int, node: str, endpoint: str, incarnation: int,
              names: Mapping[str, int], now: float) -> Joined:
         """Admit a node (``harbor`` 0: assign a free id) with the names it holds."""
         if harbor == 0:
             harbor = self._free_harbor()
-        elif not HARBOR_MIN <= harbor <= HARBOR_MAX:
-            raise RegistryRefusal(f"harbor id {harbor} is out of range 1..255")
         else:
+            check_harbor_id(harbor)
             self._fixed.add(harbor)
         live = self._harbors.get(harbor)
         if live is not None:
-            raise RegistryRefusal(
-                f"harbor {harbor} is held by live node {live.node} "
-                f"(incarnation {live.incarnation})"
-            )
+            raise HarborHeld(harbor, live.node, live.incarnation)
         record = HarborRecord(harbor, node, endpoint, incarnation, now)
         self._harbors[harbor] = record
         events: list[Event] = [HarborJoined(self._next(), record)]
@@ -151,15 +161,12 @@ class InMemoryRegistry:
 
     def bind(self, name: str, handle: int, requester: int) -> tuple[Event, ...]:
         """Bind a global name to a handle on the requester's own harbor; first writer wins."""
-        if not name or name.startswith(".") or any(c.isspace() for c in name):
-            raise RegistryRefusal(f"{name!r} is not a global name")
-        if harbor_of(handle) != requester:
-            raise RegistryRefusal(f"harbor {requester} cannot name a handle on another harbor")
+        check_binding(name, handle, requester)
         current = self._names.get(name)
         if current == handle:
             return ()
         if current is not None:
-            raise RegistryRefusal(f"name {name} is already taken by :{current:08x}")
+            raise RegistryRefusal(taken_message(name, current))
         self._names[name] = handle
         return (NameBound(self._next(), name, handle),)
 
@@ -175,13 +182,10 @@ class InMemoryRegistry:
 
     def _free_harbor(self) -> int:
         """The highest free id no fixed-id node has used; else the highest free one."""
-        free = [h for h in range(HARBOR_MAX, HARBOR_MIN - 1, -1) if h not in self._harbors]
-        for harbor in free:
-            if harbor not in self._fixed:
-                return harbor
-        if free:
-            return free[0]
-        raise RegistryRefusal("all 255 harbor ids are held by live nodes")
+        free = free_harbors(self._harbors, self._fixed)
+        if not free:
+            raise RegistryRefusal(ALL_TAKEN)
+        return free[0]
 
     def _next(self) -> int:
         self.sequence += 1

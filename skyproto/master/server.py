@@ -9,6 +9,10 @@ After a (re)start the master also holds back names nobody holds for the same gra
 that returning holders get theirs back first. When a joined connection ends, its harbor
 and its names leave the table at once.
 
+The registry is any :class:`~skyproto.interfaces.IRegistry` (in memory, or etcd shared by
+several masters): its changes answer with Deferreds, and the changes it reports, whoever
+made them, are what the master pushes to its nodes.
+
 Failures before authentication are counted (:attr:`MasterService.preauth_failures`) and
 logged at debug only: anyone can open connections, and a line each would flood the log.
 """
@@ -21,14 +25,16 @@ from typing import Final, Protocol
 
 import attrs
 from automat import TypeMachineBuilder
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..auth import check_secret
 from ..errors import ProtocolError, QueueFull
-from ..interfaces import IMasterService, IRegistry
+from ..interfaces import IMasterService, IRegistry, IRegistryListener
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameProtocol, describe_peer
 from ..wire.heartbeat import HeartbeatTimer, HeartbeatTiming
 from .handshake import (
@@ -51,7 +57,15 @@ from .messages import (
     UnbindName,
     Welcome,
 )
-from .registry import Event, Joined, RegistryRefusal
+from .records import (
+    Event,
+    HarborHeld,
+    HarborLeft,
+    Joined,
+    NameBound,
+    RegistryRefusal,
+    RegistryUnavailable,
+)
 
 _BEAT = MASTER_CODEC.encode(MasterHeartbeat())
 #: a Join carries the node's names: room for a few thousand before the proof is checked
@@ -117,6 +131,8 @@ class _Session:
     timer: IDelayedCall | None = None
     #: a restarted node's wait for its previous incarnation ends here (clock seconds)
     takeover_deadline: float | None = None
+    #: the registry is deciding this session's join (its answer may come later)
+    claim: Deferred[Joined] | None = None
 
     def cancel_timer(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -138,6 +154,8 @@ def _kind(reason: str) -> str:
         return "protocol error"
     if reason.startswith("no handshake"):
         return "handshake timeout"
+    if reason.startswith("sealed record"):  # keys from another secret: the Join never opened
+        return "authentication failed"
     return "dropped"
 
 
@@ -161,6 +179,10 @@ def _build_session_machine() -> Callable[[_Session], _SessionInputs]:
             c.drop(f"protocol error: {e}")
             return
         for reply in step.send:
+            s.send(reply)
+        if step.keys is not None:
+            s.connection.start_sealing(step.keys, initiator=False)
+        for reply in step.sealed:
             s.send(reply)
         outcome = step.outcome
         if isinstance(outcome, Refusal):
@@ -212,7 +234,9 @@ def _build_session_machine() -> Callable[[_Session], _SessionInputs]:
             incarnation=s.incarnation)
         s.request = None
         s.send(Welcome(joined.harbor, joined.refused_names, service.registry.snapshot()))
-        service.push(joined.events)
+        # everyone else was told as the registry changed; the joiner's own events follow
+        # its Welcome (and are not above its table's sequence)
+        service.push(joined.events, (s.connection,))
         service.names_granted()
 
     @handshaking.upon(_SessionInputs.refused).to(closing)
@@ -253,7 +277,7 @@ def _build_session_machine() -> Callable[[_Session], _SessionInputs]:
                 s.send(Reply(message.request, "", 0))
             else:
                 service.answer(s, message.request,
-                               lambda: service.registry.unbind(message.name, s.harbor))
+                               lambda: service.registry.release_name(message.name, s.harbor))
         elif isinstance(message, LookupName | GetTable):
             read(c, s, message)
         else:
@@ -340,8 +364,7 @@ def _lost(c: _SessionInputs, s: _Session, reason: str) -> None:
         del service.joined[s.harbor]
         service.forget(s.connection)
         service.log.info("harbor {harbor} left: {why}", harbor=s.harbor, why=why)
-        service.push(service.registry.leave(s.harbor, s.incarnation, why))
-        service.harbor_left(s.harbor)
+        service.depart(s.harbor, s.incarnation, why)
         return
     service.forget(s.connection)
     if not s.authenticated and was == "handshaking" and s.connection.drop_reason is None:
@@ -388,12 +411,18 @@ class MasterConnection(FrameProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._heartbeat.heard()  # every byte is a sign of life, not just whole frames
-        super().dataReceived(data)  # type: ignore[no-untyped-call]
+        super().dataReceived(data)
 
     def frame_received(self, frame: bytes) -> None:
         message = MASTER_CODEC.decode(frame)
         if not isinstance(message, MasterHeartbeat):
             self.feed(self.machine.message, message)
+
+    def plain_frame_before_sealed(self, frame: bytes) -> None:
+        # The node beats from the moment it connects; a beat sent before our challenge
+        # reached it arrives in the clear after we switched. It changes nothing.
+        if frame != _BEAT:
+            super().plain_frame_before_sealed(frame)
 
     def feed(self, event: Callable[..., None], *args: object) -> None:
         """Give the session one event; an exception in it is logged and drops the connection."""
@@ -417,7 +446,7 @@ class MasterConnection(FrameProtocol):
     def close(self) -> None:
         """Close after what has been written (a Refused) is delivered."""
         if self.transport is not None:
-            self.transport.loseConnection()
+            self.close_connection()
 
     def start_heartbeat(self, timing: HeartbeatTiming) -> None:
         self._heartbeat.retime(timing)
@@ -443,9 +472,14 @@ class _HeldBind:
     handle: int
 
 
-@implementer(IMasterService)
+@implementer(IMasterService, IRegistryListener)
 class MasterService(Factory):
-    """The master: one registry, every node session, and the push of every change."""
+    """The master: one registry, every node session, and the push of every change.
+
+    It depends on nothing of the registry but :class:`~skyproto.interfaces.IRegistry`:
+    changes are asked for and answered with Deferreds (a session may end while its claim
+    is in flight: what was granted after it left is released), and every change, made
+    here or by another master sharing the store, is pushed from the subscription."""
 
     log = Logger()
     noisy = False
@@ -461,7 +495,7 @@ class MasterService(Factory):
         self.name_grace = auto_grace if name_grace is None else name_grace
         self.started_at = clock.seconds()
         self.clock = clock
-        self.secret = secret
+        self.secret = check_secret(secret)
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.timing = HeartbeatTiming(heartbeat_interval, heartbeat_timeout)
@@ -473,6 +507,7 @@ class MasterService(Factory):
         self.preauth_failures: Counter[str] = Counter()
         self._held: list[_HeldBind] = []
         self._grace_timer: IDelayedCall | None = None
+        registry.subscribe(self)
 
     def buildProtocol(self, addr: object) -> MasterConnection:
         return MasterConnection(self)
@@ -489,9 +524,12 @@ class MasterService(Factory):
     # --- admission -----------------------------------------------------------------------
 
     def admission(self, c: _SessionInputs, s: _Session) -> None:
-        """Decide a join now: welcome, wait, or refuse (Refused sent here)."""
+        """Decide a join: welcome, wait, or refuse (Refused sent here); a store that needs
+        I/O decides later."""
         join = s.request
         assert join is not None
+        if s.claim is not None:
+            return  # the registry is deciding already: its answer decides
         now = self.clock.seconds()
         if join.harbor == 0 and (left := self.auto_grace_left()) > 0:
             # Just after a (re)start the table lacks live nodes that have not re-joined yet;
@@ -514,31 +552,128 @@ class MasterService(Factory):
                     c.wait(s.takeover_deadline - now,
                            f"its previous incarnation {live.incarnation} is still joined")
                     return
-        try:
-            joined = self.registry.join(join.harbor, join.node, join.endpoint,
-                                        join.incarnation, join.names, now)
-        except RegistryRefusal as e:
-            s.send(Refused(str(e)))
-            c.refused(str(e), True)
+        # A store that needs I/O answers later; meanwhile this session waits for it (a
+        # second admit, from a timer or a harbor leaving, changes nothing).
+        claim = self.registry.admit(join.harbor, join.node, join.endpoint, join.incarnation,
+                                    join.names, now)
+        self._deciding(c, s, join, claim)
+
+    def _deciding(self, c: _SessionInputs, s: _Session, join: Join,
+                  claim: Deferred[Joined]) -> None:
+        s.claim = claim
+        claim.addCallbacks(self._admitted, self._not_admitted, callbackArgs=(c, s, join),
+                           errbackArgs=(c, s, join))
+
+    def _still_asking(self, s: _Session, join: Join) -> bool:
+        return s.request is join and s.state in ("handshaking", "waiting")
+
+    def _admitted(self, joined: Joined, c: _SessionInputs, s: _Session, join: Join) -> None:
+        s.claim = None
+        if not self._still_asking(s, join):
+            # The connection ended while the registry decided: give back what it granted,
+            # unless the same node (re-connected) holds or asks for it again.
+            if not self._wanted_again(joined.harbor, join, s):
+                self.log.info("harbor {harbor} ({node}) left before its join was decided; "
+                              "releasing it", harbor=joined.harbor, node=join.node)
+                self.depart(joined.harbor, join.incarnation,
+                            "its connection ended before the welcome")
             return
-        c.welcome(joined)
+        s.connection.feed(c.welcome, joined)
+
+    def _wanted_again(self, harbor: int, join: Join, gone: _Session) -> bool:
+        for connection in self.connections:
+            other = connection.session
+            if other is gone:
+                continue
+            asked = other.request
+            if (other.harbor, other.incarnation) == (harbor, join.incarnation):
+                return True
+            if asked is not None and (asked.harbor, asked.incarnation) == (
+                    harbor, join.incarnation):
+                return True
+        return False
+
+    def _not_admitted(self, failure: Failure, c: _SessionInputs, s: _Session,
+                      join: Join) -> None:
+        s.claim = None
+        error = failure.value
+        if isinstance(error, RegistryUnavailable):
+            self.log.warn("cannot admit harbor {harbor} ({node}): {why}",
+                          harbor=join.harbor, node=join.node, why=str(error))
+        if not self._still_asking(s, join):
+            return
+        if isinstance(error, HarborHeld) and error.expires_in is not None and \
+                error.node == join.node and error.incarnation < join.incarnation:
+            # Its previous incarnation is held through another master: that one lets go when
+            # it notices the old session's end, or its registration runs out. Wait for that.
+            now = self.clock.seconds()
+            if s.takeover_deadline is None:
+                s.takeover_deadline = now + error.expires_in + TAKEOVER_MARGIN
+            if now < s.takeover_deadline:
+                s.connection.feed(c.wait, s.takeover_deadline - now,
+                                  f"its previous incarnation {error.incarnation} is still "
+                                  f"registered")
+                return
+        if isinstance(error, RegistryRefusal):
+            s.send(Refused(str(error)))
+            s.connection.feed(c.refused, str(error), True)
+        elif isinstance(error, RegistryUnavailable):
+            # Not a refusal (that would stop the node for good): it comes back and tries again.
+            s.connection.feed(c.drop, f"the registry is unavailable: {error}")
+        else:
+            self.log.failure("the registry failed to admit harbor {harbor} ({node})",
+                             failure, harbor=join.harbor, node=join.node)
+            s.connection.feed(c.drop, "internal error in the registry")
 
     def _resume(self, c: _SessionInputs, s: _Session, old: MasterConnection | None,
                 join: Join) -> None:
         assert old is not None
         del self.joined[join.harbor]  # the old connection's end is not the harbor's end
         old.drop("replaced by a new connection from the same node")
-        events: list[Event] = []
-        refused = []
-        for name, handle in sorted(join.names.items()):
-            try:
-                events.extend(self.registry.bind(name, handle, join.harbor))
-            except RegistryRefusal:
-                refused.append(name)
-        c.welcome(Joined(join.harbor, tuple(refused), tuple(events)))
+        claims = [self._claim_at_join(name, handle, join.harbor)
+                  for name, handle in sorted(join.names.items())]
+
+        def outcome(results: list[tuple[str, tuple[Event, ...] | None]]) -> Joined:
+            return Joined(join.harbor,
+                          tuple(name for name, events in results if events is None),
+                          tuple(e for _, events in results for e in events or ()))
+
+        def first(failure: Failure) -> Failure:
+            error = failure.value  # gatherResults' FirstError: the first claim that failed
+            return error.subFailure if isinstance(error, FirstError) else failure
+
+        joined = gatherResults(claims, consumeErrors=True).addCallbacks(outcome, first)
+        self._deciding(c, s, join, joined)
+
+    def _claim_at_join(self, name: str, handle: int,
+                       harbor: int) -> Deferred[tuple[str, tuple[Event, ...] | None]]:
+        """A name a (re-)joining node asserts: its events, or None if it is refused."""
+        def refused(failure: Failure) -> tuple[str, None]:
+            failure.trap(RegistryRefusal)
+            return name, None
+
+        def granted(events: tuple[Event, ...]) -> tuple[str, tuple[Event, ...]]:
+            return name, events
+
+        claim: Deferred[tuple[Event, ...]] = self.registry.claim_name(name, handle, harbor)
+        return claim.addCallbacks(granted, refused)
+
+    def depart(self, harbor: int, incarnation: int, reason: str) -> None:
+        """A harbor's session ended: it and its names leave the registry."""
+        def failed(failure: Failure) -> None:
+            if failure.check(RegistryUnavailable):
+                self.log.warn("cannot remove harbor {harbor} from the registry: {why}",
+                              harbor=harbor, why=failure.getErrorMessage())
+            else:
+                self.log.failure("the registry failed to remove harbor {harbor}", failure,
+                                 harbor=harbor)
+
+        departed = self.registry.depart(harbor, incarnation, reason)
+        departed.addCallbacks(lambda _: None, failed)
+        departed.addCallback(lambda _: self.harbor_left(harbor))
 
     def harbor_left(self, harbor: int) -> None:
-        """A harbor's session ended: a restarted node waiting for it may come in now."""
+        """A harbor left the registry: a restarted node waiting for it may come in now."""
         for connection in list(self.connections):
             request = connection.session.request
             if connection.state == "waiting" and request is not None and \
@@ -592,23 +727,70 @@ class MasterService(Factory):
             connection.feed(connection.machine.bind, item.request, item.name, item.handle)
 
     def answer_bind(self, s: _Session, request: int, name: str, handle: int) -> None:
-        self.answer(s, request, lambda: self.registry.bind(name, handle, s.harbor))
+        harbor = s.harbor
+
+        def undo() -> None:
+            self.registry.release_name(name, harbor).addErrback(lambda _: None)
+
+        self.answer(s, request, lambda: self.registry.claim_name(name, handle, harbor), undo)
 
     def answer(self, s: _Session, request: int,
-               change: Callable[[], tuple[Event, ...]]) -> None:
-        try:
-            events = change()
-        except RegistryRefusal as e:
-            s.send(Reply(request, str(e), 0))
-            return
-        self.push(events)  # the requester's cache has it before its reply arrives
-        s.send(Reply(request, "", 0))
+               change: Callable[[], Deferred[tuple[Event, ...]]],
+               undo: Callable[[], object] | None = None) -> None:
+        """Ask the registry for a change and reply once it decided. Its events were pushed
+        before (the requester's cache has them before its reply arrives)."""
+        harbor, connection = s.harbor, s.connection
 
-    def push(self, events: tuple[Event, ...]) -> None:
-        """Send each event to every joined node, in order (the originator included)."""
+        def done(events: tuple[Event, ...]) -> None:
+            if self.joined.get(harbor) is None:
+                if events and undo is not None:
+                    undo()  # granted after its harbor left: nobody holds it
+                return
+            if self.joined.get(harbor) is connection:
+                s.send(Reply(request, "", 0))
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            if isinstance(error, RegistryRefusal):
+                why = str(error)
+            elif isinstance(error, RegistryUnavailable):
+                why = f"the registry is unavailable: {error}"
+                self.log.warn("harbor {harbor}: request {request} not decided: {why}",
+                              harbor=harbor, request=request, why=str(error))
+            else:
+                why = "internal error in the registry"
+                self.log.failure("the registry failed on a request of harbor {harbor}",
+                                 failure, harbor=harbor)
+            if self.joined.get(harbor) is connection:
+                s.send(Reply(request, why, 0))
+
+        change().addCallbacks(done, failed)
+
+    # --- what the registry tells ---------------------------------------------------------
+
+    def registry_changed(self, events: tuple[Event, ...]) -> None:
+        """Changes in sequence, from this master or another one: push them to every node."""
+        self.push(events)
+        for event in events:
+            if isinstance(event, HarborLeft):
+                self.harbor_left(event.harbor)
+        if any(isinstance(event, NameBound) for event in events):
+            self.names_granted()
+
+    def registry_lost(self, harbor: int, incarnation: int, reason: str) -> None:
+        """The store lost what it held for a session: end it, so its node re-joins."""
+        connection = self.joined.get(harbor)
+        if connection is not None and connection.incarnation == incarnation:
+            self.log.warn("harbor {harbor}: its registration was lost: {why}",
+                          harbor=harbor, why=reason)
+            connection.drop(f"its registration in the registry was lost: {reason}")
+
+    def push(self, events: tuple[Event, ...],
+             to: tuple[MasterConnection, ...] | None = None) -> None:
+        """Send each event to every joined node (or only ``to``), in order."""
         for event in events:
             frame = MASTER_CODEC.encode(event)
-            for connection in list(self.joined.values()):
+            for connection in list(self.joined.values()) if to is None else to:
                 try:
                     connection.send_frame(frame, must=False)
                 except QueueFull as e:

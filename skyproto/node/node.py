@@ -8,20 +8,32 @@ router. Replies find their call by session id in the node's SessionTable.
 from __future__ import annotations
 
 import inspect
+import os
 import random
+import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..address import LOCAL_MAX, check_handle, format_handle, harbor_of, local_of, make_handle
+from ..address import (
+    LOCAL_MAX,
+    NodeName,
+    check_handle,
+    format_handle,
+    harbor_of,
+    local_of,
+    make_handle,
+)
+from ..endpoints import listener_client_endpoint
 from ..errors import (
     CallError,
     ConfigurationError,
@@ -35,12 +47,15 @@ from ..harbor.link import HarborLinkFactory, LinkConfig
 from ..interfaces import IHarborLink, IServiceBehaviour
 from ..master.client import JoinInfo, MasterClient
 from ..session import SESSION_MAX, SessionTable
+from ..transports.loopback import LoopbackAddress
 from ..wire.codec import PayloadType, encode_cbor, encode_data_frame
 from ..wire.framing import DEFAULT_MAX_FRAME, DEFAULT_MAX_OUTBOUND
+from ..wire.pieces import DEFAULT_MAX_MESSAGE, DEFAULT_PIECE_SIZE
 from .cluster import ClusterMembership
 from .flow import FlowControl
 from .resolver import NodeResolver
 from .router import Router
+from .stats import CallStats
 
 _NORMAL = PayloadType.NORMAL
 _ERROR = PayloadType.ERROR
@@ -81,6 +96,8 @@ class Node:
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 3.0,
         max_frame: int = DEFAULT_MAX_FRAME,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        piece_size: int = DEFAULT_PIECE_SIZE,
         max_queue_bytes: int = 1024 * 1024,
         resolver: NodeResolver | None = None,
         max_outbound: int = DEFAULT_MAX_OUTBOUND,
@@ -97,8 +114,11 @@ class Node:
         self.rng = rng or random.Random()
         self.sessions = SessionTable(reactor, default_timeout,
                                      first_id=self.rng.randrange(SESSION_MAX) + 1)
+        #: calls and sends by outcome, call latency: read by the metrics (skyproto.web)
+        self.stats = CallStats(reactor)
         self.config = LinkConfig(harbor, self.incarnation, secret, heartbeat_interval,
                                  heartbeat_timeout, max_frame=max_frame,
+                                 max_message=max_message, piece_size=piece_size,
                                  max_outbound=max_outbound)
         #: tells feeders (gate clients) to stop reading while a link is congested
         self.flow = FlowControl()
@@ -115,6 +135,8 @@ class Node:
         self._inbox: deque[tuple[None, int, int, int, int, Any]] = deque()
         self._draining = False
         self._ports: list[IListeningPort] = []
+        #: the endpoint string of each listening port (what join_master advertises)
+        self._listened: dict[IListeningPort, str] = {}
         self._link_factories: list[HarborLinkFactory] = []
 
     # --- services and names ------------------------------------------------------------
@@ -229,14 +251,31 @@ class Node:
         granted = self.master.granted()
         return {name: handle for name, handle in held.items() if granted.get(name) == handle}
 
-    def join_master(self, endpoint: str, node_name: str, harbor_endpoint: str,
+    def join_master(self, endpoint: str | Sequence[str], node_name: str | None = None,
+                    harbor_endpoint: str | None = None,
                     request_timeout: float = 5.0,
                     on_refused: Callable[[str], object] | None = None,
                     on_joined: Callable[[int], object] | None = None) -> MasterClient:
         """Join the master at ``endpoint`` and keep joined (reconnecting with backoff).
 
+        ``endpoint`` may be a list of masters that share one store (``--store etcd:``): the
+        node talks to one at a time and moves to the next when it loses it.
+
+        ``node_name`` defaults to ``harborN@<short host name>`` (``node<pid>@...`` for a
+        node still without a harbor id), ``harbor_endpoint`` (where other nodes dial us)
+        to the address of the first port this node listens on (:meth:`listen` first).
         A node made with harbor 0 asks the master for one; ``on_joined(harbor)`` is called
         after the first welcome, ``on_refused(reason)`` if the master refuses the node."""
+        if node_name is None:
+            node_name = str(NodeName.parse(
+                f"harbor{self.harbor}" if self.harbor else f"node{os.getpid()}"))
+        if harbor_endpoint is None:
+            if not self._ports:
+                raise ConfigurationError(
+                    "join_master needs the harbor endpoint other nodes dial: listen first "
+                    "(node.listen(...)), or pass harbor_endpoint")
+            first = self._ports[0]
+            harbor_endpoint = _advertised(first, self._listened.get(first))
         self.membership.on_refused = on_refused
         self.membership.on_joined = on_joined
 
@@ -274,6 +313,12 @@ class Node:
     def call(self, destination: int | str, payload: Any, timeout: float | None = None,
              source: int | None = None) -> Deferred[Any]:
         """Request/response: a Deferred of the reply, or of a CallError."""
+        # counted once, when it ends (by outcome, with its latency): see CallStats
+        return self._call(destination, payload, timeout, source).addBoth(
+            self.stats.call_done, self.reactor.seconds())
+
+    def _call(self, destination: int | str, payload: Any, timeout: float | None,
+              source: int | None) -> Deferred[Any]:
         try:
             handle = self.resolve(destination)
         except NoSuchService as e:
@@ -302,17 +347,22 @@ class Node:
             if handle is None:
                 raise NoSuchService(f"no service is named {name!r}")
             if not budget:
-                return self.call(handle, payload, timeout, source)
+                return self._call(handle, payload, timeout, source)
             left = budget - (self.reactor.seconds() - started)
             if left <= 0:
                 raise CallTimeout(f"no reply within {budget:g} s (looking {name} up took it)")
-            return self.call(handle, payload, left, source)
+            return self._call(handle, payload, left, source)
 
         return self.master.lookup_name(name, budget or None).addCallback(found)
 
     def send(self, destination: int | str, payload: Any, source: int | None = None) -> None:
         """One-way (session 0). Raises at once if the destination is unknown or down."""
-        self._send_request(source or self.handle, self.resolve(destination), 0, payload)
+        try:
+            self._send_request(source or self.handle, self.resolve(destination), 0, payload)
+        except Exception as e:
+            self.stats.sent(e)
+            raise
+        self.stats.sent()
 
     def _send_request(self, source: int, destination: int, session: int, payload: Any) -> None:
         """A request or one-way message: in-process if local, else encoded now (once: the
@@ -328,10 +378,11 @@ class Node:
 
     def _frame(self, source: int, destination: int, session: int, ptype: int,
                payload: Any) -> bytes:
-        """One data frame, length prefix included; FrameTooLarge if over the limit."""
+        """One data frame, length prefix included; FrameTooLarge if over the message limit
+        (a frame longer than a piece travels in pieces)."""
         frame = encode_data_frame(source, destination, session, ptype, encode_cbor(payload))
-        if len(frame) - 4 > self.config.max_frame:
-            raise FrameTooLarge(len(frame) - 4, self.config.max_frame)
+        if len(frame) - 4 > self.config.max_message:
+            raise FrameTooLarge(len(frame) - 4, self.config.max_message)
         return frame
 
     def _local(self, source: int, destination: int, session: int, ptype: int,
@@ -373,6 +424,7 @@ class Node:
             else:
                 self.log.info("dropping message to {error}", error=str(error))
             return
+        self.stats.handled += 1
         try:
             result = service.receive(source, -session, payload)
         except Exception as e:
@@ -405,6 +457,7 @@ class Node:
 
     def _handler_failed(self, failure: Failure, me: int, caller: int, session: int,
                         link: IHarborLink | None) -> None:
+        self.stats.handler_errors += 1
         if session:
             self._reply(me, caller, -session, _ERROR,
                         error_payload(failure.value or Exception()), link)
@@ -451,10 +504,11 @@ class Node:
         factory = self.router.link_factory()
         self._link_factories.append(factory)
         listening: Deferred[IListeningPort] = server.listen(factory)
-        return listening.addCallback(self._listening)
+        return listening.addCallback(self._listening, endpoint)
 
-    def _listening(self, port: IListeningPort) -> IListeningPort:
+    def _listening(self, port: IListeningPort, endpoint: str) -> IListeningPort:
         self._ports.append(port)
+        self._listened[port] = endpoint
         return port
 
     def add_peer(self, harbor: int, endpoint: str) -> None:
@@ -492,3 +546,21 @@ def _failed(error: BaseException) -> Deferred[Any]:
     deferred: Deferred[Any] = Deferred()
     deferred.errback(error)
     return deferred
+
+
+def _advertised(port: IListeningPort, listen: str | None) -> str:
+    """Where other nodes dial a listening port (``listen``: its endpoint string), as a
+    client endpoint string: its address, in the scheme it listens with (``tcp:``, ``ssl:``,
+    ``skytls:``), or the host's name when it listens on every interface."""
+    host = port.getHost()
+    if isinstance(host, IPv4Address | IPv6Address):
+        address = socket.getfqdn() if host.host in ("0.0.0.0", "::") else host.host
+        return listener_client_endpoint(listen, address, host.port)
+    if isinstance(host, UNIXAddress):
+        name = host.name.decode() if isinstance(host.name, bytes) else host.name
+        return f"unix:{name}"
+    if isinstance(host, LoopbackAddress):
+        return f"loopback:{host.name}"
+    raise ConfigurationError(
+        f"cannot tell other nodes how to reach a {type(host).__name__}: pass "
+        f"harbor_endpoint to join_master")

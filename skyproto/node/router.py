@@ -254,7 +254,7 @@ class Router:
         # replies from it (reading is how they come; stopping would deadlock both sides).
         if not self.pending_to(harbor) and isinstance(link, HarborLink):
             self._unread.add(link)
-            link.pauseProducing()  # type: ignore[no-untyped-call]
+            link.pauseProducing()
 
     def link_drained(self, link: IHarborLink) -> None:
         self._read_again(link)

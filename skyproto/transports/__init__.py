@@ -1,1 +1,2 @@
-"""Transports: Twisted endpoints (tcp:, unix:, ssl:, and our in-memory loopback:)."""
+"""Transports: Twisted endpoints (tcp:, unix:, ssl:), our in-memory loopback: and our
+mutual-TLS skytls: (see tls.py)."""

@@ -1,0 +1,136 @@
+"""What every registry store answers with: records, tables, change events, refusals.
+
+Shared by the in-memory store (:mod:`skyproto.master.registry`), the etcd store
+(:mod:`skyproto.master.etcd_store`), the master's server and the node's client: the
+protocol code knows these classes and :class:`~skyproto.interfaces.IRegistry`, never a
+store's own. The pure rules both stores apply (what a global name is, which id
+``--harbor auto`` gets) are here too, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Container
+
+import attrs
+
+from ..address import HARBOR_MAX, HARBOR_MIN, harbor_of
+from ..errors import SkyprotoError
+
+
+class RegistryRefusal(SkyprotoError):
+    """A join or a name operation the registry refuses; the message says why."""
+
+
+class HarborHeld(RegistryRefusal):
+    """The harbor id is held by a live node (``node``, ``incarnation``).
+
+    ``expires_in``: when a store knows the holder's registration ends by itself unless
+    renewed (a lease served by another master), the seconds left; None otherwise.
+    """
+
+    def __init__(self, harbor: int, node: str, incarnation: int,
+                 expires_in: float | None = None) -> None:
+        super().__init__(f"harbor {harbor} is held by live node {node} "
+                         f"(incarnation {incarnation})")
+        self.harbor = harbor
+        self.node = node
+        self.incarnation = incarnation
+        self.expires_in = expires_in
+
+
+class RegistryUnavailable(SkyprotoError):
+    """The store cannot decide now (etcd unreachable, no quorum, still loading).
+
+    Nothing was granted: the master refuses the request with this message rather than
+    grant what it cannot store. Not a :class:`RegistryRefusal`: trying again later may work.
+    """
+
+
+@attrs.frozen
+class HarborRecord:
+    """One live harbor as the master knows it."""
+
+    harbor: int
+    node: str
+    endpoint: str
+    incarnation: int
+    up_since: float
+
+
+@attrs.frozen
+class Table:
+    """Everything, with the sequence number of the last change it includes."""
+
+    sequence: int
+    harbors: tuple[HarborRecord, ...]
+    names: dict[str, int]
+
+
+@attrs.frozen
+class HarborJoined:
+    sequence: int
+    record: HarborRecord
+
+
+@attrs.frozen
+class HarborLeft:
+    sequence: int
+    harbor: int
+    incarnation: int
+    reason: str
+
+
+@attrs.frozen
+class NameBound:
+    sequence: int
+    name: str
+    handle: int
+
+
+@attrs.frozen
+class NameUnbound:
+    sequence: int
+    name: str
+    handle: int
+
+
+Event = HarborJoined | HarborLeft | NameBound | NameUnbound
+
+
+@attrs.frozen
+class Joined:
+    """The outcome of an accepted join: the harbor id, names refused, events it caused."""
+
+    harbor: int
+    refused_names: tuple[str, ...]
+    events: tuple[Event, ...]
+
+
+def check_harbor_id(harbor: int) -> None:
+    """Refuse an id outside 1..255 (0 means "assign one" and is decided elsewhere)."""
+    if not HARBOR_MIN <= harbor <= HARBOR_MAX:
+        raise RegistryRefusal(f"harbor id {harbor} is out of range 1..255")
+
+
+def check_binding(name: str, handle: int, requester: int) -> None:
+    """Refuse a name that is not global, or a handle on another harbor than the requester's."""
+    if not name or name.startswith(".") or any(c.isspace() for c in name):
+        raise RegistryRefusal(f"{name!r} is not a global name")
+    if harbor_of(handle) != requester:
+        raise RegistryRefusal(f"harbor {requester} cannot name a handle on another harbor")
+
+
+def taken_message(name: str, handle: int) -> str:
+    return f"name {name} is already taken by :{handle:08x}"
+
+
+def free_harbors(live: Container[int], fixed: Container[int],
+                 skip: Collection[int] = ()) -> list[int]:
+    """The ids ``--harbor auto`` may get, best first: from 255 downward, ids no fixed-id
+    node has used before the others (so auto nodes do not take the ids of fixed nodes
+    that crashed or start later); ``skip``: ids already tried and found taken."""
+    free = [h for h in range(HARBOR_MAX, HARBOR_MIN - 1, -1) if h not in live and h not in skip]
+    return [h for h in free if h not in fixed] + [h for h in free if h in fixed]
+
+
+ALL_TAKEN = "all 255 harbor ids are held by live nodes"
