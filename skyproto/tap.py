@@ -69,6 +69,12 @@ class OneLineOptions(usage.Options):
 
     program = "skyproto"
 
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        # An opt_ method's docstring is its help: one paragraph, however it is wrapped.
+        self.docs = {name: " ".join(doc.split()) if isinstance(doc, str) else doc
+                     for name, doc in self.docs.items()}
+
     def parseOptions(self, options: Any = None) -> None:
         try:
             super().parseOptions(options)  # type: ignore[no-untyped-call]
@@ -240,7 +246,6 @@ class NodeOptions(DaemonOptions):
         ["harbor", None, None,
          "This node's harbor id, 1..255, or 'auto' to have the master assign one (required)."],
         ["name", None, None, "Node name, NAME or NAME@HOST (default: harborN@<short host>)."],
-        ["master", None, None, "Endpoint of the master, e.g. tcp:127.0.0.1:2013."],
         ["mapper", None, None, "This host's port mapper (default tcp:127.0.0.1:"
          "$ERL_EPMD_PORT, or 4369); started in this process if none answers."],
         ["mapper-listen", None, None, "Where this node runs the mapper when none answers: "
@@ -278,9 +283,17 @@ class NodeOptions(DaemonOptions):
     ]
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self["peers"] = []
         self["services"] = []
+        self["master"] = None
+        self["masters"] = []
+
+    def opt_master(self, value: str) -> None:
+        """Endpoint of the master, e.g. tcp:127.0.0.1:2013; repeatable: masters that share
+        one store (--store etcd:), talked to one at a time, the next when one is lost."""
+        self["masters"].append(value)
+        self["master"] = self["master"] or value
 
     def opt_peer(self, value: str) -> None:
         """HARBOR=ENDPOINT or HARBOR=NAME@HOST: a static peer, e.g. 2=tcp:127.0.0.1:7002
@@ -495,7 +508,7 @@ def make_node_service(options: NodeOptions) -> IService:
     program = "skynode"
     configure_tls(options, [
         ("--listen", options["listen"]), ("--master-listen", options["master-listen"]),
-        ("--master", options["master"]), ("--gate", options["gate"]),
+        *(("--master", master) for master in options["masters"]), ("--gate", options["gate"]),
         ("--advertise", options["advertise"]), ("--mapper", options["mapper"]),
         *(("--peer", endpoint) for _, endpoint in options["peers"])], program)
     top = MultiService()
@@ -507,6 +520,7 @@ def make_node_service(options: NodeOptions) -> IService:
                                        options["heartbeat-timeout"])
             ListeningService(master_port).setServiceParent(top)  # type: ignore[no-untyped-call]
             options["master"] = describe_address(master_port, options["master-listen"])
+            options["masters"] = [options["master"]]
         port_number = mapper_port(os.environ)
         mapper_at = options["mapper"] or f"tcp:127.0.0.1:{port_number}"
         mapper_listen = mapper_listen_endpoint(mapper_at)
@@ -558,8 +572,12 @@ def make_node_service(options: NodeOptions) -> IService:
 
     def register_with_mapper(harbor: int) -> None:
         name = options["node_name"].name
-        host_mapper = HostMapper(reactor, mapper_listen, mapper_at, port_number, name, address,
-                                 harbor, relaxed=relaxed_from_environ(os.environ))
+        # advertised as name@host, the mapper is where that name is looked up: register
+        # where we really listen, not the name (which would resolve to itself)
+        registered = describe_address(port, options["listen"]) if is_node_name(address) \
+            else address
+        host_mapper = HostMapper(reactor, mapper_listen, mapper_at, port_number, name,
+                                 registered, harbor, relaxed=relaxed_from_environ(os.environ))
         node_service.host_mapper = host_mapper
         host_mapper.start().addErrback(lambda failure: exit_after_shutdown(
             reactor, f"the name {name} seems to be in use by another node on this host: "
@@ -581,12 +599,13 @@ def make_node_service(options: NodeOptions) -> IService:
 
     join = None
     if options["master"] is not None:
-        master_endpoint = options["master"]
+        masters = options["masters"]
 
         def refused(reason: str) -> None:
             # Refused for a real reason (id held by another node, secret, version): one
             # line on the real stderr (twistd's sys.stderr is its log), then exit 1.
-            message = f"the master at {master_endpoint} refused this node: {reason}"
+            at = node.master.endpoint_description if node.master else masters[0]
+            message = f"the master at {at} refused this node: {reason}"
             real_stderr = sys.__stderr__ or sys.stderr
             print(f"{program}: error: {message}", file=real_stderr, flush=True)
 
@@ -600,7 +619,7 @@ def make_node_service(options: NodeOptions) -> IService:
         def join() -> None:
             try:
                 node.join_master(
-                    master_endpoint, str(options["node_name"]), address,
+                    masters, str(options["node_name"]), address,
                     on_refused=refused, on_joined=None if node.harbor else started)
             except ConfigurationError as e:
                 exit_after_shutdown(reactor, str(e), program)
