@@ -433,3 +433,28 @@ def test_killing_a_service_unregisters_its_global_name():
     cluster.settle()
     assert cluster.master.registry.lookup("ECHO") is None
     assert "ECHO" not in b.membership.names
+
+
+def test_a_master_with_sparse_sequences_is_not_asked_for_the_table_at_each_skip():
+    """etcd's revisions have holes (other keys use some): a Welcome that says so makes
+    the client apply an event further above its sequence as it comes."""
+    from skyproto.master.client import JoinInfo, MasterClient
+    from skyproto.master.messages import GetTable
+    from skyproto.master.registry import Table
+
+    from .test_master_timeouts import Listener
+
+    for dense in (True, False):
+        clock = Clock()
+        client = MasterClient(clock, "tcp:127.0.0.1:1", SECRET, Listener(),
+                              JoinInfo(1, 5, "n1@test", "tcp:127.0.0.1:2"))
+        master = FakeMaster(client)
+        master.send(Welcome(1, (), Table(10, (), {}), dense=dense))
+        master.received()
+        master.send(NameBound(17, "SKIPPED", 0x01000002))  # 11..16 were other keys
+        asked = [m for m in master.received() if isinstance(m, GetTable)]
+        if dense:
+            assert asked and "SKIPPED" not in client.names
+        else:
+            assert not asked and client.names == {"SKIPPED": 0x01000002}
+            assert client.sequence == 17

@@ -337,6 +337,8 @@ class MasterClient:
         self.state = "idle"
         self.harbor = join.harbor if join is not None else 0
         self.sequence = 0
+        #: the master's sequence numbers have no holes: a skip is a missed event
+        self.dense = True
         self.harbors: dict[int, HarborRecord] = {}
         self.names: dict[str, int] = {}
         self.welcomes = 0
@@ -528,6 +530,7 @@ class MasterClient:
 
     def _welcome(self, welcome: Welcome) -> None:
         self._unwelcomed = 0
+        self.dense = welcome.dense
         first = self.welcomes == 0
         self.welcomes += 1
         self.harbor = welcome.harbor
@@ -578,7 +581,7 @@ class MasterClient:
         """Apply one pushed event; False if it shows a gap (the caller fetches the table)."""
         if event.sequence <= self.sequence:
             return True  # already in our table
-        if event.sequence != self.sequence + 1:
+        if event.sequence != self.sequence + 1 and self.dense:
             self.log.info("missed events {first}..{last}: fetching the table",
                           first=self.sequence + 1, last=event.sequence - 1)
             return False

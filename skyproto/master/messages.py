@@ -93,6 +93,9 @@ class Welcome:
     harbor: int
     refused_names: tuple[str, ...]
     table: Table
+    #: the master's sequence numbers have no holes (the in-memory registry); etcd's
+    #: revisions do (other keys use some), so a skipped number there is no lost event
+    dense: bool = True
 
 
 @MASTER_CODEC.message(6)

@@ -233,7 +233,9 @@ def _build_session_machine() -> Callable[[_Session], _SessionInputs]:
             harbor=s.harbor, node=s.node, endpoint=s.request.endpoint,
             incarnation=s.incarnation)
         s.request = None
-        s.send(Welcome(joined.harbor, joined.refused_names, service.registry.snapshot()))
+        registry = service.registry
+        s.send(Welcome(joined.harbor, joined.refused_names, registry.snapshot(),
+                       dense=registry.kind == "memory"))
         # everyone else was told as the registry changed; the joiner's own events follow
         # its Welcome (and are not above its table's sequence)
         service.push(joined.events, (s.connection,))
