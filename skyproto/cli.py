@@ -163,7 +163,7 @@ async def show_status(reactor: Any, endpoint: str, secret_file: str | None, as_j
     finally:
         await client.stop()
     if as_json:
-        print(json.dumps(status_object(table)))
+        print(json.dumps(status_object(table, client.store)))
         return
     print(f"{'harbor':<7} {'node':<24} {'endpoint':<32} {'incarnation':<17} up since")
     for r in table.harbors:

@@ -555,8 +555,8 @@ def make_node_service(options: NodeOptions) -> IService:
                                    options["gate"], program)
     except ConfigurationError as e:
         exit_with(str(e), program)
-    address = options["advertise"] or advertised_address(port, options["listen"],
-                                                         toward=options["master"])
+    address = options["advertise"] or advertised_address(
+        port, options["listen"], toward=options["masters"] or options["master"])
     if options["advertise"] and not is_node_name(address):
         try:
             clientFromString(reactor, address)

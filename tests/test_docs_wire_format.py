@@ -878,7 +878,7 @@ def test_nested_master_structures_are_documented() -> None:
     table = Table(3, (record,), {"SIMPLEDB": 0x01000002})
     assert decode_cbor(MASTER_CODEC.encode(TableReply(1, table))) == [
         12, 1, [3, [[1, "alpha@db1", "tcp:127.0.0.1:7001", ALPHA_INCARNATION, 1.5]],
-                {"SIMPLEDB": 0x01000002}]]
+                {"SIMPLEDB": 0x01000002}], "memory"]
 
 
 def documented_values(marker: str) -> dict[str, str]:

@@ -458,3 +458,20 @@ def test_a_master_with_sparse_sequences_is_not_asked_for_the_table_at_each_skip(
         else:
             assert not asked and client.names == {"SKIPPED": 0x01000002}
             assert client.sequence == 17
+
+
+def test_the_table_reply_names_the_store_and_status_shows_it():
+    from skyproto.master.messages import GetTable, Observe, TableReply
+    from skyproto.web.status import status_object
+
+    for kind in ("memory", "etcd"):
+        registry = InMemoryRegistry()
+        registry.kind = kind  # what an EtcdRegistry says of itself
+        peer = MasterPeer(MasterService(registry, Clock(), SECRET))
+        _, proof = peer.authenticate()
+        peer.send(Observe(proof, 1.0, 3.0))
+        peer.send(GetTable(7))
+        (reply,) = [m for m in peer.received() if isinstance(m, TableReply)]
+        assert reply.store == kind
+        shown = status_object(reply.table, reply.store)
+        assert (shown["store"], shown["revision"]) == (kind, reply.table.sequence)

@@ -208,6 +208,8 @@ class MasterClientProtocol(FrameProtocol):
             elif isinstance(outcome, Welcomed):
                 client._from(self, client._machine.welcomed, outcome.welcome)
         elif isinstance(message, Reply | TableReply):
+            if isinstance(message, TableReply):
+                client.store = message.store
             client._requests.resolve(message.request, message)
         elif isinstance(message, HarborJoined | HarborLeft | NameBound | NameUnbound):
             client._from(self, client._machine.event, message)
@@ -339,6 +341,8 @@ class MasterClient:
         self.sequence = 0
         #: the master's sequence numbers have no holes: a skip is a missed event
         self.dense = True
+        #: what keeps the master's state, as its last TableReply said
+        self.store = "memory"
         self.harbors: dict[int, HarborRecord] = {}
         self.names: dict[str, int] = {}
         self.welcomes = 0

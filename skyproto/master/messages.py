@@ -149,6 +149,8 @@ class Reply:
 class TableReply:
     request: int
     table: Table
+    #: what keeps the master's state: "memory" or "etcd"
+    store: str = "memory"
 
 
 @MASTER_CODEC.message(13)

@@ -297,7 +297,7 @@ def _build_session_machine() -> Callable[[_Session], _SessionInputs]:
         if isinstance(message, LookupName):
             s.send(Reply(message.request, "", registry.lookup(message.name) or 0))
         else:
-            s.send(TableReply(message.request, registry.snapshot()))
+            s.send(TableReply(message.request, registry.snapshot(), registry.kind))
 
     @joined.upon(_SessionInputs.bind).loop()
     def bind(c: _SessionInputs, s: _Session, request: int, name: str, handle: int) -> None:

@@ -192,13 +192,14 @@ class StatusResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, table: Callable[[], Table]) -> None:
+    def __init__(self, table: Callable[[], Table], store: str = "memory") -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.table = table
+        self.store = store
 
     def render_GET(self, request: Request) -> bytes:
         _no_cache(request, b"application/json")
-        return json.dumps(status_object(self.table())).encode("utf-8") + b"\n"
+        return json.dumps(status_object(self.table(), self.store)).encode("utf-8") + b"\n"
 
 
 class IndexPage(Resource):

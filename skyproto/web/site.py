@@ -131,7 +131,7 @@ def _site(registry: CollectorRegistry, health: Health, home: Resource,
     root.putChild(b"health", HealthResource(health))
     if master is not None:
         snapshot = master.registry.snapshot
-        root.putChild(b"status.json", StatusResource(snapshot))
+        root.putChild(b"status.json", StatusResource(snapshot, master.registry.kind))
     site = QuietSite(root)  # type: ignore[no-untyped-call]
     return Web(registry, health, site, has_page=master is not None)
 

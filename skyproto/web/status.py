@@ -9,10 +9,12 @@ from ..master.registry import Table
 __all__ = ["status_object"]
 
 
-def status_object(table: Table) -> dict[str, Any]:
+def status_object(table: Table, store: str = "memory") -> dict[str, Any]:
     """The ``--json`` form of the master's table: harbors (id, node name, endpoint,
     incarnation, up since in seconds of the epoch), global names (name -> handle, plain
-    32-bit integers, sorted by name) and the table's sequence number."""
+    32-bit integers, sorted by name), the table's sequence number, what keeps the state
+    (``store``: memory or etcd) and its ``revision`` (the sequence: etcd's revision with
+    the etcd store, so any master of one cluster answers comparably)."""
     return {
         "harbors": [
             {"id": r.harbor, "name": r.node, "endpoint": r.endpoint,
@@ -21,4 +23,6 @@ def status_object(table: Table) -> dict[str, Any]:
         ],
         "names": dict(sorted(table.names.items())),
         "sequence": table.sequence,
+        "store": store,
+        "revision": table.sequence,
     }
