@@ -640,14 +640,14 @@ def test_stated_abort_reasons_are_what_a_link_raises() -> None:
 
 def test_stated_type_byte_check() -> None:
     text = doc_text()
-    assert "a value above `max(PayloadType)` (1) is refused" in text
-    assert max(PayloadType) == 1
+    assert "a value above `max(PayloadType)` (2) is refused" in text
+    assert max(PayloadType) == 2
     assert "(`unknown payload type N`)" in text
     for ptype in PayloadType:
         frame = encode_data_frame(1 << 24 | 2, 2 << 24 | 2, 0, ptype, encode_cbor(None))
         assert decode_data_header(frame[LENGTH_PREFIX.size :])[3] == ptype
-    frame = encode_data_frame(1 << 24 | 2, 2 << 24 | 2, 0, 2, encode_cbor(None))
-    with pytest.raises(ProtocolError, match=r"^unknown payload type 2$"):
+    frame = encode_data_frame(1 << 24 | 2, 2 << 24 | 2, 0, 3, encode_cbor(None))
+    with pytest.raises(ProtocolError, match=r"^unknown payload type 3$"):
         decode_data_header(frame[LENGTH_PREFIX.size :])
 
 

@@ -53,12 +53,14 @@ from ..wire.framing import DEFAULT_MAX_FRAME, DEFAULT_MAX_OUTBOUND
 from ..wire.pieces import DEFAULT_MAX_MESSAGE, DEFAULT_PIECE_SIZE
 from .cluster import ClusterMembership
 from .flow import FlowControl
+from .monitors import Monitors
 from .resolver import NodeResolver
 from .router import Router
 from .stats import CallStats
 
 _NORMAL = PayloadType.NORMAL
 _ERROR = PayloadType.ERROR
+_SYSTEM = PayloadType.SYSTEM
 NODE_LOCAL_ID = 1  #: the node's own handle (replies to ``node.call`` come back to it)
 
 
@@ -131,6 +133,8 @@ class Node:
         self.names: dict[str, int] = {}
         self.master: MasterClient | None = None
         self.membership = ClusterMembership(self)
+        #: who watches which service (:meth:`monitor`)
+        self.monitors = Monitors(lambda: self.harbor, self._has_service, self._send_system)
         self._next_local = NODE_LOCAL_ID + 1
         self._inbox: deque[tuple[None, int, int, int, int, Any]] = deque()
         self._draining = False
@@ -180,8 +184,8 @@ class Node:
                       handle=format_handle(handle), named=f" ({name})" if name else "")
         return handle
 
-    def kill(self, handle: int) -> None:
-        """Remove a local service; its names go with it."""
+    def kill(self, handle: int, reason: str = "killed") -> None:
+        """End a local service: its names go with it, and its monitors fire with ``reason``."""
         service = self.services.get(local_of(handle)) if harbor_of(handle) == self.harbor else None
         if service is None or local_of(handle) == NODE_LOCAL_ID:
             raise NoSuchService(f"no service {format_handle(handle)} on harbor {self.harbor}")
@@ -193,6 +197,26 @@ class Node:
         stopped = getattr(service, "stopped", None)
         if stopped is not None:
             stopped()
+        self.monitors.service_exited(handle, reason)
+
+    def monitor(self, handle: int | str) -> Deferred[str]:
+        """Like Erlang's ``erlang:monitor/2``: a Deferred that fires, once, with the reason
+        the service ``handle`` (or the one a name resolves to now) went away: it was killed
+        (``kill``'s reason), its harbor went down or restarted, or it never existed (``"no
+        such service"``). :meth:`demonitor` (or cancelling it) stops watching."""
+        return self.monitors.monitor(self.resolve(handle))
+
+    def demonitor(self, watching: Deferred[str]) -> bool:
+        """Stop a monitor; False if it had already fired or been stopped."""
+        return self.monitors.demonitor(watching)
+
+    def _has_service(self, handle: int) -> bool:
+        local = local_of(handle)
+        return local != NODE_LOCAL_ID and local in self.services
+
+    def _send_system(self, harbor: int, payload: list[Any]) -> None:
+        node = make_handle(harbor, NODE_LOCAL_ID)
+        self.router.send_frame(harbor, self._frame(self.handle, node, 0, _SYSTEM, payload))
 
     def _unregister_failed(self, failure: Failure, name: str) -> None:
         self.log.info("name {name} stays at the master until its harbor leaves: {why}",
@@ -408,6 +432,10 @@ class Node:
                  session: int, ptype: int, payload: Any) -> None:
         # ``link``: the link a remote message came in on (None for local ones); a reply
         # goes back on it, to the process that asked and no other.
+        if ptype == _SYSTEM:
+            if link is not None and not session and local_of(destination) == NODE_LOCAL_ID:
+                self.monitors.system_message(source >> 24, payload)
+            return
         if session > 0:
             harbor = source >> 24  # a reply only completes a call that went to its harbor
             if ptype == _ERROR:
@@ -488,6 +516,7 @@ class Node:
     def _harbor_lost(self, harbor: int, reason: BaseException) -> None:
         self.membership.link_lost(harbor)
         error = reason if isinstance(reason, HarborDown) else HarborDown(str(reason))
+        self.monitors.harbor_lost(harbor, str(error))
         failed = self.sessions.fail_all(error, harbor)
         if failed:
             self.log.info("{count} pending calls to harbor {harbor} failed: {error}",
@@ -527,6 +556,7 @@ class Node:
         for port in ports:
             port.stopListening()
         self.sessions.fail_all(HarborDown("the node crashed"))
+        self.monitors.stop()
 
     def stop(self) -> Deferred[Any]:
         """Stop listening, close every link, fail every pending call."""
@@ -536,7 +566,8 @@ class Node:
         self.router.stop()
         self.sessions.fail_all(HarborDown("the node is stopping"))
         for local in list(self.services):
-            self.kill(make_handle(self.harbor, local))
+            self.kill(make_handle(self.harbor, local), "the node is stopping")
+        self.monitors.stop()
         ports, self._ports = self._ports, []
         stopping.extend(maybeDeferred(port.stopListening) for port in ports)
         return DeferredList(stopping)

@@ -259,6 +259,7 @@ class PayloadType(enum.IntEnum):
 
     NORMAL = 0  #: a request, a one-way message or a successful reply
     ERROR = 1  #: a failed reply: [error kind, exception type, message]
+    SYSTEM = 2  #: node to node (local id 1 to local id 1), one-way: monitors
 
 
 #: kind:u8 | source:u32 | destination:u32 | session:i32 | type:u8, big-endian
