@@ -1,9 +1,9 @@
 """Harbor calls per second: skyproto node to node, against Twisted AMP and a raw CBOR echo.
 
-Run: ``python benchmarks/harbor.py [--json] [--duration S] [--warmup S] [--only NAMES]
-[--sizes 16,4k,64k] [--profile DIR]``. Every remote figure uses two OS processes on TCP
-loopback: this one (the client) and a server started as ``python benchmarks/harbor.py
---serve KIND`` (KIND is ``sky``, ``amp`` or ``raw``), which listens on an ephemeral port of
+Run: ``python benchmarks/harbor.py [--json] [--duration S] [--warmup S] [--rounds N]
+[--only NAMES] [--sizes 16,4k,64k] [--profile DIR]``. Every remote figure uses two OS
+processes on TCP loopback: this one (the client) and a server started as ``python
+benchmarks/harbor.py --serve KIND`` (KIND is ``sky``, ``sky-plain``, ``amp`` or ``raw``), which listens on an ephemeral port of
 127.0.0.1, prints it on stdout, and runs until its stdin closes; it is killed at the end in
 any case. Both sides run the real (epoll) reactor and set TCP_NODELAY. For payloads of
 16 B, 4 KiB and 64 KiB (``bytes``):
@@ -28,7 +28,10 @@ any case. Both sides run the real (epoll) reactor and set TCP_NODELAY. For paylo
 AMP limits each value to 65,535 bytes, so the amp figures are skipped at 64 KiB, with a note.
 
 Each figure runs for ``--warmup`` seconds (0.5), then counts what completes in the next
-``--duration`` seconds (3). With ``--json`` the last line of stdout is one JSON object: the
+``--duration`` seconds (3), once per round (``--rounds``, 3), the rounds in alternating
+order (forward, backward, ...), so that figures compared in a ratio are measured next to
+each other in time; each figure reports its median round, with the failures of all.
+With ``--json`` the last line of stdout is one JSON object: the
 16 B figures under the names above, the 4 KiB ones with a ``_4k`` suffix, the 64 KiB ones
 with ``_64k``, latencies as ``*_p50_us`` / ``*_p99_us``, the target ratios as ``ratio_*``,
 failed calls as ``*_errors`` and the figures not run as ``skipped``. Any failed call (an
@@ -637,30 +640,41 @@ async def measure(reactor: Any, clients: Clients, figure: str, payload: bytes,
     return await CallLoad(reactor, calls[kind], payload, window, warmup, duration).run()
 
 
+def median_result(rounds: list[Result]) -> Result:
+    """The round with the median rate, with every round's failures counted in."""
+    ordered = sorted(rounds, key=lambda r: r.rate)
+    chosen = ordered[(len(ordered) - 1) // 2]
+    errors = sum(r.errors for r in rounds)
+    first = next((r.error for r in rounds if r.error), None)
+    return Result(chosen.ops, chosen.seconds, errors, chosen.latencies, first)
+
+
 async def run_client(reactor: Any, servers: dict[str, Server], secret: bytes,
                      figures: list[str], payloads: dict[str, bytes], warmup: float,
-                     duration: float) -> dict[str, Result]:
+                     duration: float, rounds: int = 1) -> dict[str, Result]:
+    """Every figure once per round, rounds in alternating order (so that a ratio compares
+    neighbours in time, not one moment with another); each figure's median round."""
     clients = await connect(reactor, servers, secret)
-    results: dict[str, Result] = {}
+    measured: dict[str, list[Result]] = {}
+    order = [(suffix, payload, figure) for suffix, payload in payloads.items()
+             for figure in figures if skip_reason(figure, payload) is None]
     try:
-        for suffix, payload in payloads.items():
-            for figure in figures:
-                if skip_reason(figure, payload) is not None:
-                    continue
-                results[figure + suffix] = await measure(reactor, clients, figure, payload,
-                                                         warmup, duration)
+        for number in range(rounds):
+            for suffix, payload, figure in (order if number % 2 == 0 else order[::-1]):
+                measured.setdefault(figure + suffix, []).append(
+                    await measure(reactor, clients, figure, payload, warmup, duration))
     finally:
         clients.amp.transport.loseConnection()  # type: ignore[union-attr]
         clients.raw.transport.loseConnection()  # type: ignore[union-attr]
         await clients.node.stop()
         await clients.local.stop()
         await clients.plain.stop()
-    return results
+    return {key: median_result(results) for key, results in measured.items()}
 
 
 def run_reactor(servers: dict[str, Server], secret: bytes, figures: list[str],
                 payloads: dict[str, bytes], warmup: float,
-                duration: float) -> dict[str, Result]:
+                duration: float, rounds: int = 1) -> dict[str, Result]:
     """Run the client on the global reactor until every figure is measured."""
     reactor = _global_reactor()
     outcome: list[dict[str, Result] | Failure] = []
@@ -677,7 +691,7 @@ def run_reactor(servers: dict[str, Server], secret: bytes, figures: list[str],
 
     def start() -> None:
         Deferred.fromCoroutine(
-            run_client(reactor, servers, secret, figures, payloads, warmup, duration)
+            run_client(reactor, servers, secret, figures, payloads, warmup, duration, rounds)
         ).addBoth(finish)
 
     reactor.addSystemEventTrigger("before", "shutdown", stopping)
@@ -792,6 +806,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--duration", type=float, default=3.0,
                         help="measured seconds per figure (3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds, in alternating order; each figure's median (3)")
     parser.add_argument("--warmup", type=float, default=0.5,
                         help="unmeasured seconds before each figure (0.5)")
     parser.add_argument("--only", default=",".join(FIGURES),
@@ -814,8 +830,8 @@ def main() -> int:
         payloads = {SIZES[size]: PAYLOADS[SIZES[size]] for size in args.sizes.split(",")}
     except KeyError as e:
         parser.error(f"unknown payload size {e}; choose from {', '.join(SIZES)}")
-    if args.duration <= 0 or args.warmup < 0:
-        parser.error("--duration must be positive and --warmup not negative")
+    if args.duration <= 0 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--duration must be positive, --warmup not negative, --rounds >= 1")
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     secret = os.urandom(32)
@@ -825,11 +841,11 @@ def main() -> int:
         if args.profile:
             profiler = cProfile.Profile()
             results = profiler.runcall(run_reactor, servers, secret, figures, payloads,
-                                       args.warmup, args.duration)
+                                       args.warmup, args.duration, args.rounds)
             profiler.dump_stats(os.path.join(args.profile, "client.prof"))
         else:
             results = run_reactor(servers, secret, figures, payloads, args.warmup,
-                                  args.duration)
+                                  args.duration, args.rounds)
     skipped = skipped_figures(figures, payloads)
     report(results, skipped, args.warmup, args.duration)
     errors = sum(r.errors for r in results.values())
