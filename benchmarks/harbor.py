@@ -3,8 +3,9 @@
 Run: ``python benchmarks/harbor.py [--json] [--duration S] [--warmup S] [--rounds N]
 [--only NAMES] [--sizes 16,4k,64k] [--profile DIR]``. Every remote figure uses two OS
 processes on TCP loopback: this one (the client) and a server started as ``python
-benchmarks/harbor.py --serve KIND`` (KIND is ``sky``, ``sky-plain``, ``amp`` or ``raw``), which listens on an ephemeral port of
-127.0.0.1, prints it on stdout, and runs until its stdin closes; it is killed at the end in
+benchmarks/harbor.py --serve KIND`` (KIND is ``sky``, ``sky-plain``, ``amp`` or ``raw``),
+which listens on an ephemeral port of 127.0.0.1, prints it on stdout, and runs until its
+stdin closes; it is killed at the end in
 any case. Both sides run the real (epoll) reactor and set TCP_NODELAY. For payloads of
 16 B, 4 KiB and 64 KiB (``bytes``):
 
