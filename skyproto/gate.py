@@ -214,8 +214,16 @@ class GateClient:
         slot: list[Any] = [None]
         self.replies.append(slot)
         config = self.factory.config
-        call: Deferred[Any] = self.agent.call(config.target, request_payload(text),
-                                              timeout=config.timeout)
+        node = self.factory.node
+        call: Deferred[Any]
+        if config.target not in node.names and config.target not in node.membership.names \
+                and node.group_members(config.target):
+            # --gate-service names a group: each request to one member, in turn
+            call = node.call_group(config.target, request_payload(text),
+                                   timeout=config.timeout, source=self.agent_handle)
+        else:
+            call = self.agent.call(config.target, request_payload(text),
+                                   timeout=config.timeout)
         call.addCallbacks(self._replied, self._failed, callbackArgs=(slot,),
                           errbackArgs=(slot,))
         if len(self.replies) >= config.max_in_flight:

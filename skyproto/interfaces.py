@@ -87,7 +87,8 @@ class IHarborLink(Interface):
 
 
 class IRegistry(Interface):
-    """The master's state behind one interface: harbor id -> node, global name -> handle.
+    """The master's state behind one interface: harbor id -> node, global name -> handle,
+    service group -> member handles.
 
     The master's protocol code (``master/server.py``) knows only this and the classes of
     ``master/records.py``. A store may need I/O to decide a change (etcd), so every change
@@ -112,6 +113,9 @@ class IRegistry(Interface):
     def lookup(name: str) -> int | None:
         """The handle bound to a global name, or None."""
 
+    def members(group: str) -> tuple[int, ...]:
+        """The member handles of a service group, sorted (empty if it has none)."""
+
     def harbor(harbor: int) -> Any:
         """The live ``HarborRecord`` of a harbor id, or None."""
 
@@ -134,7 +138,9 @@ class IRegistry(Interface):
         Fails with ``HarborHeld`` (a ``RegistryRefusal``) if a live node holds the id."""
 
     def depart(harbor: int, incarnation: int, reason: str) -> Any:
-        """Deferred of the events: remove a harbor (that incarnation only) and its names."""
+        """Deferred of the events: remove a harbor (that incarnation only), its names and
+        its group memberships (``HarborLeft``, then each ``NameUnbound``, then each
+        ``GroupLeft``)."""
 
     def claim_name(name: str, handle: int, requester: int) -> Any:
         """Deferred of the events: bind a global name to a handle on the requester's
@@ -142,6 +148,16 @@ class IRegistry(Interface):
 
     def release_name(name: str, requester: int) -> Any:
         """Deferred of the events: remove a global name the requester's harbor holds."""
+
+    def join_group(group: str, handle: int, requester: int) -> Any:
+        """Deferred of the events: make a handle on the requester's (joined) harbor a
+        member of a service group; a member joining again changes nothing. Refused: a
+        group name that is empty, has whitespace or is over 255 bytes of UTF-8, or a
+        handle on another harbor."""
+
+    def leave_group(group: str, handle: int, requester: int) -> Any:
+        """Deferred of the events: take a handle on the requester's harbor out of a group;
+        a handle that is not a member changes nothing."""
 
 
 class IRegistryListener(Interface):
@@ -166,7 +182,7 @@ class IMasterService(Interface):
 
 
 class IMasterClient(Interface):
-    """A node's side of the name service: a cached table and name operations."""
+    """A node's side of the name service: a cached table, name and group operations."""
 
     def register_name(name: str, handle: int) -> Any:
         """Deferred that fires when the master accepted ``name``; errbacks on conflict."""
@@ -177,6 +193,12 @@ class IMasterClient(Interface):
     def lookup_name(name: str) -> Any:
         """Deferred of the handle for ``name`` (cache first, then the master), or None."""
 
+    def join_group(group: str, handle: int) -> Any:
+        """Deferred that fires when the master has ``handle`` in ``group``."""
+
+    def leave_group(group: str, handle: int) -> Any:
+        """Deferred that fires when the master took ``handle`` out of ``group``."""
+
 
 class IMasterListener(Interface):
     """What a master client reports to (the node's cluster membership, a status tool)."""
@@ -185,7 +207,8 @@ class IMasterListener(Interface):
         """A whole table: at each welcome (``first`` for the very first) or after a gap."""
 
     def master_event(event: Any) -> None:
-        """One change, in sequence: harbor joined/left, name bound/unbound."""
+        """One change, in sequence: harbor joined/left, name bound/unbound, group
+        joined/left."""
 
     def master_refused(reason: str) -> None:
         """The master refused us; the client has stopped trying."""

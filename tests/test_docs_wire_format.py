@@ -36,7 +36,6 @@ from skyproto import auth, tap
 from skyproto.address import format_handle, parse_handle
 from skyproto.endpoints import harbor_tcp_port
 from skyproto.errors import ConfigurationError, NoSuchService, ProtocolError
-from skyproto.harbor import link as harbor_link
 from skyproto.harbor.handshake import (
     _IDENTITIES,
     _TIMINGS,
@@ -100,6 +99,8 @@ from skyproto.master.messages import (
 from skyproto.master.messages import PROTOCOL_VERSION as MASTER_VERSION
 from skyproto.master.messages import transcript as master_transcript
 from skyproto.master.registry import (
+    GroupJoined,
+    GroupLeft,
     HarborJoined,
     HarborLeft,
     HarborRecord,
@@ -226,9 +227,15 @@ def test_heartbeat_example_is_what_a_link_sends() -> None:
     dumped, notes = hex_dump("heartbeat-frame")
     body = b"\x00" + HARBOR_CODEC.encode(Heartbeat())
     assert dumped.hex(" ") == (struct.pack(">I", len(body)) + body).hex(" ")
-    # the very bytes HarborLink hands to send_frame for every heartbeat
-    assert dumped[4:] == harbor_link._HEARTBEAT
-    assert HARBOR_CODEC.decode(dumped[5:]) == Heartbeat()
+    # the very bytes HarborLink hands to send_frame for a heartbeat of an idle node
+    link = HarborLink(LinkConfig(harbor=1, incarnation=1, secret=b"s-sixteen-bytes!"),
+                      Mock(), Clock(), dialer=True, load=lambda: 0)
+    sent: list[bytes] = []
+    link.send_frame = sent.append  # type: ignore[assignment,method-assign]
+    link.up = True
+    link._beat()
+    assert sent == [dumped[4:]]
+    assert HARBOR_CODEC.decode(dumped[5:]) == Heartbeat(0)
     assert any("Heartbeat" in note for note in notes)
 
 
@@ -404,7 +411,8 @@ def test_sealed_record_example_is_what_a_link_sends() -> None:
 
     dumped, notes = hex_dump("sealed-record")
     assert dumped.hex(" ") == record.hex(" ")
-    beat = LENGTH_PREFIX.pack(len(harbor_link._HEARTBEAT)) + harbor_link._HEARTBEAT
+    heartbeat = b"\x00" + HARBOR_CODEC.encode(Heartbeat(0))
+    beat = LENGTH_PREFIX.pack(len(heartbeat)) + heartbeat
     assert f"`{beat.hex(' ')}`" in text
     initiator = example_handshake()[3].keys.initiator  # type: ignore[union-attr]
     ns = doc_functions("seal")
@@ -414,7 +422,7 @@ def test_sealed_record_example_is_what_a_link_sends() -> None:
     clock.advance(link.timing.interval)
     assert transport.value() == ns["seal"](initiator, 1, beat)  # the counter goes on
     annotations = "\n".join(notes)
-    for word in ("SEALED", "initiator", "tag", "24 bytes"):
+    for word in ("SEALED", "initiator", "tag", "25 bytes"):
         assert word in annotations, word
 
 
@@ -862,7 +870,8 @@ def test_every_master_message_is_documented() -> None:
         row = rows[code]
         assert row[1] == f"`{cls.__name__}`", f"code {code} is {cls.__name__}, doc: {row[1]}"
         assert re.findall(r"`(\w+)`", row[2]) == [f.name for f in attrs.fields(cls)]
-    for code, cls in ((20, HarborJoined), (21, HarborLeft), (22, NameBound), (23, NameUnbound)):
+    for code, cls in ((20, HarborJoined), (21, HarborLeft), (22, NameBound), (23, NameUnbound),
+                      (24, GroupJoined), (25, GroupLeft)):
         assert registered[code][0] is cls  # the registry's own classes
 
 
@@ -875,10 +884,11 @@ def test_nested_master_structures_are_documented() -> None:
         assert re.findall(r"`(\w+)`", row[1]) == fields
         assert row[2] == f"array of {len(fields)} items"
     record = HarborRecord(1, "alpha@db1", "tcp:127.0.0.1:7001", ALPHA_INCARNATION, 1.5)
-    table = Table(3, (record,), {"SIMPLEDB": 0x01000002})
+    table = Table(3, (record,), {"SIMPLEDB": 0x01000002}, {"workers": (0x01000002, 0x01000003)})
     assert decode_cbor(MASTER_CODEC.encode(TableReply(1, table))) == [
         12, 1, [3, [[1, "alpha@db1", "tcp:127.0.0.1:7001", ALPHA_INCARNATION, 1.5]],
-                {"SIMPLEDB": 0x01000002}], "memory"]
+                {"SIMPLEDB": 0x01000002}, {"workers": [0x01000002, 0x01000003]}], "memory"]
+    assert MASTER_CODEC.decode(MASTER_CODEC.encode(TableReply(1, table))).table == table
 
 
 def documented_values(marker: str) -> dict[str, str]:
@@ -1094,6 +1104,27 @@ def test_stated_name_errors_are_what_the_registry_says() -> None:
     assert sorted(errors) == sorted(stated)
 
 
+def test_stated_group_errors_are_what_the_registry_says() -> None:
+    stated = [row[2].strip("`") for row in table_rows("master-group-errors")]
+    registry = InMemoryRegistry()
+    registry.join(1, "alpha@db1", "tcp:127.0.0.1:7001", 1, {}, 0.0)
+    registry.join(2, "beta@db1", "tcp:127.0.0.1:7002", 1, {}, 0.0)
+    errors = []
+    for change in (
+        lambda: registry.add_member("two words", 0x02000002, 2),
+        lambda: registry.remove_member("x" * 256, 0x02000002, 2),
+        lambda: registry.add_member("workers", 0x01000002, 2),
+        lambda: registry.remove_member("workers", 0x01000002, 2),
+    ):
+        with pytest.raises(RegistryRefusal) as info:
+            change()
+        errors.append(str(info.value))
+    assert errors == stated
+    assert registry.add_member("workers", 0x01000002, 1)
+    assert registry.add_member("workers", 0x01000002, 1) == ()  # a member already: no event
+    assert registry.remove_member("workers", 0x02000002, 2) == ()  # not a member: no event
+
+
 def test_stated_order_of_answers_and_pushes() -> None:
     service = MasterService(InMemoryRegistry(), Clock(), MASTER_SECRET)
     service.clock.advance(service.auto_grace)  # type: ignore[attr-defined]  # no name grace
@@ -1238,7 +1269,7 @@ def test_piece_layout_and_refusals_are_what_the_code_does() -> None:
     )
 
     text = " ".join(doc_text().split())
-    assert (FIRST, LAST, DEFAULT_PIECE_SIZE, DEFAULT_MAX_MESSAGE) == (1, 2, 65536, 64 << 20)
+    assert (FIRST, LAST, DEFAULT_PIECE_SIZE, DEFAULT_MAX_MESSAGE) == (1, 2, 128 << 10, 64 << 20)
     first = piece_frame(5, FIRST, b"abc", total=4)
     assert first == b"\x00\x00\x00\x0d" + b"\x03" + (5).to_bytes(4, "big") + b"\x01" + \
         (4).to_bytes(4, "big") + b"abc"

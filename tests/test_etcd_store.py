@@ -9,6 +9,7 @@ kills members. Every await is bounded.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,9 +22,11 @@ from twisted.internet.defer import DeferredList, gatherResults
 from twisted.python.failure import Failure
 
 from skyproto.address import harbor_of
-from skyproto.master.etcd_client import EtcdClient, prefix_end
+from skyproto.master.etcd_client import EtcdClient, prefix_end, put
 from skyproto.master.etcd_store import ENDED_ELSEWHERE, EtcdRegistry
 from skyproto.master.records import (
+    GroupJoined,
+    GroupLeft,
     HarborHeld,
     HarborJoined,
     HarborLeft,
@@ -342,5 +345,98 @@ async def test_leader_killed_claims_resume_and_no_name_is_held_twice_then_cut_of
 
 
 def test_events_are_only_the_registrys_own_classes() -> None:
-    for cls in (HarborJoined, HarborLeft, NameBound, NameUnbound):
+    for cls in (HarborJoined, HarborLeft, NameBound, NameUnbound, GroupJoined, GroupLeft):
         assert cls.__module__ == "skyproto.master.records"
+
+
+# --- service groups --------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_membership_is_one_key_on_a_lease_of_its_own(stores):
+    a, b = await stores.make(), await stores.make()
+    await admit(a, 1)
+    await bounded(a.join_group("work/ers", 0x01000002, 1))
+    await bounded(a.join_group("work/ers", 0x0100000a, 1))
+    key = a.group_key("work/ers", 0x01000002)
+    assert key == a._p + b"groups/work/ers/01000002"
+    _, kvs = await bounded(a.client.range(key))
+    hold = a._held[1]
+    assert kvs[0].lease == hold.groups[("work/ers", 0x01000002)]
+    assert kvs[0].lease not in (hold.lease, hold.groups[("work/ers", 0x0100000a)])
+    assert json.loads(kvs[0].value) == {"claim": hold.claim}
+    await until(lambda: b.members("work/ers") == (0x01000002, 0x0100000a), "b to see both")
+    # a key that is not a membership is ignored by every view
+    await bounded(a.client.txn([], [put(a._p + b"groups/x/zz", b"{}")]))
+    await bounded(a.client.txn([], [put(a._p + b"groups/01000002", b"{}")]))
+    await admit(a, 2)  # a later change: both views have seen the odd keys by then
+    await until(lambda: b.harbor(2), "b to see harbor 2")
+    assert a.snapshot().groups == b.snapshot().groups == {
+        "work/ers": (0x01000002, 0x0100000a)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_memberships_run_out_with_a_master_that_stops_renewing(stores):
+    a = await stores.make(lease_ttl=2)
+    b = await stores.make()
+    await admit(a, 1)
+    await bounded(a.join_group("workers", 0x01000002, 1))
+    await bounded(a.join_group("cache", 0x01000002, 1))
+    await until(lambda: len(b.snapshot().groups) == 2, "b to see the memberships")
+    await a.stop()  # nothing revoked, nothing renewed
+    await until(lambda: not b.snapshot().harbors and not b.snapshot().groups,
+                "the keys to run out", timeout=15)
+    gone = b.recorder.events[-3:]
+    assert sorted(type(e).__name__ for e in gone) == ["GroupLeft", "GroupLeft", "HarborLeft"]
+    assert len({e.sequence for e in gone}) == 3  # a revision of its own each
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_node_moving_to_another_master_takes_its_memberships_over(stores):
+    a, b = await stores.make(), await stores.make()
+    await admit(a, 1, incarnation=7)
+    await bounded(a.join_group("workers", 0x01000002, 1))
+    await until(lambda: b.members("workers"), "b to see the membership")
+    told = len(b.recorder.events)
+    await admit(b, 1, incarnation=7)
+    assert await bounded(b.join_group("workers", 0x01000002, 1)) == ()  # re-asserted
+    await until(lambda: a.recorder.lost, "a to learn it lost harbor 1")
+    assert b.recorder.events[told:] == []  # nobody saw it leave
+    _, kvs = await bounded(b.client.range(b.group_key("workers", 0x01000002)))
+    assert kvs[0].lease == b._held[1].groups[("workers", 0x01000002)]  # renewed by b now
+    assert await bounded(a.depart(1, 7, "old session")) == ()
+    assert b.members("workers") == (0x01000002,)
+    # and it can leave through b
+    (left,) = await bounded(b.leave_group("workers", 0x01000002, 1))
+    assert isinstance(left, GroupLeft) and b.members("workers") == ()
+    await until(lambda: a.members("workers") == (), "a to see it leave")
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_of_one_membership_are_made_in_the_order_asked(stores):
+    a = await stores.make()
+    await admit(a, 1)
+    told = len(a.recorder.events)
+    # asked together: the leave must not overtake the join still in flight
+    results = await bounded(gatherResults([
+        a.join_group("workers", 0x01000002, 1), a.leave_group("workers", 0x01000002, 1),
+        a.join_group("workers", 0x01000002, 1), a.leave_group("workers", 0x01000002, 1)]))
+    assert [[type(e) for e in events] for events in results] == [
+        [GroupJoined], [GroupLeft], [GroupJoined], [GroupLeft]]
+    assert [type(e) for e in a.recorder.events[told:]] == [GroupJoined, GroupLeft] * 2
+    assert a.members("workers") == () and a._group_locks == {}
+    assert a._held[1].groups == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_membership_granted_after_its_harbor_left_is_not_kept(stores):
+    a = await stores.make()
+    await admit(a, 1, incarnation=7)
+    joining = a.join_group("workers", 0x01000002, 1)
+    await bounded(a.depart(1, 7, "gone"))
+    failures: list[Failure] = []
+    await bounded(joining.addErrback(failures.append))
+    if failures:  # decided after the departure: refused, and nothing left behind
+        assert failures[0].check(RegistryRefusal)
+    await until(lambda: a.members("workers") == (), "no membership to be left")
+    _, kvs = await bounded(a.client.range(a._p + b"groups/", prefix_end(a._p + b"groups/")))
+    assert kvs == []

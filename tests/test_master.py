@@ -321,7 +321,7 @@ def test_master_death_leaves_links_and_calls_alone_and_everyone_rejoins():
     assert "within 5 s" in str(failure_of(away, MasterUnavailable).value)
 
     cluster.start_master()
-    cluster.settle(1.5)  # reconnect backoff is capped at 1 s (plus jitter)
+    cluster.settle(1.5)  # reconnect backoff is capped at 0.5 s (plus jitter)
     table = cluster.master.registry.snapshot()
     assert [r.harbor for r in table.harbors] == [1, 2]
     assert table.names == {"ECHO": echo}
@@ -396,7 +396,7 @@ def test_an_auto_newcomer_right_after_a_master_restart_takes_no_live_id():
     a = cluster.node(1)
     cluster.settle(2.1)
     cluster.kill_master()
-    cluster.settle(3)  # a's reconnect backoff reaches its 1 s cap
+    cluster.settle(3)  # a's reconnect backoff reaches its 0.5 s cap
     cluster.start_master()
     newcomer = Node(0, cluster.clock, SECRET)
     newcomer.listen("loopback:newcomer")

@@ -20,8 +20,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import formatEvent
 
 from skyproto.errors import NameConflict
+from skyproto.master.client import JoinInfo, MasterClient
 from skyproto.master.etcd_client import EtcdClient
 from skyproto.master.etcd_store import EtcdRegistry
+from skyproto.master.records import GroupLeft, HarborLeft
 from skyproto.master.server import MasterService
 from skyproto.node.node import Node
 from skyproto.services import Echo
@@ -29,6 +31,8 @@ from skyproto.testing import wait_for
 
 from .cluster import SECRET
 from .etcd import ETCD, NO_ETCD, EtcdCluster, faulty_client
+from .test_master_groups import A1, A2, B1
+from .test_master_timeouts import Listener
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=NO_ETCD)
 TIMEOUT = 20.0
@@ -199,3 +203,64 @@ async def test_a_node_whose_master_stops_moves_to_another_and_never_leaves_the_t
     assert table_of(watcher) == ([1, 9], {"DB": 0x01000002})
     assert seen == []  # no HarborLeft, no NameUnbound: its keys were taken over
     assert await watcher.call("DB", "still here") == "still here"
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_memberships_through_two_masters_move_with_their_node(cluster):
+    """Service groups over etcd: memberships granted through either master reach every
+    node, and a node whose master stops re-asserts its own through the other one, its keys
+    taken over: nobody sees them leave, but the one it gave up meanwhile."""
+    a, at_a = await cluster.master()
+    b, at_b = await cluster.master()
+
+    class Recording(Listener):
+        def __init__(self) -> None:
+            self.events: list[Any] = []
+
+        def master_event(self, event: Any) -> None:
+            self.events.append(event)
+
+    held: dict[int, dict[str, set[int]]] = {1: {"workers": {A1, A2}, "cache": {A1}},
+                                            2: {"workers": {B1}}}
+    listeners = {1: Recording(), 2: Recording()}
+    clients = {harbor: MasterClient(reactor, masters, SECRET, listeners[harbor],
+                                    JoinInfo(harbor, 7, f"n{harbor}@test", "tcp:127.0.0.1:1"),
+                                    groups_to_assert=lambda h=harbor: held[h])
+               for harbor, masters in ((1, [at_a, at_b]), (2, [at_b]))}
+    try:
+        for client in clients.values():
+            client.start()
+        await until(lambda: all(c.connected for c in clients.values()), "both to join")
+        await DeferredList([clients[1].join_group("workers", A1),
+                            clients[1].join_group("workers", A2),
+                            clients[1].join_group("cache", A1),
+                            clients[2].join_group("workers", B1)],
+                           fireOnOneErrback=True).addTimeout(TIMEOUT, reactor)
+        want = {"workers": {A1, A2, B1}, "cache": {A1}}
+        await until(lambda: all(c.groups == want for c in clients.values()),
+                    "every membership everywhere")
+        assert a.registry.snapshot().groups == b.registry.snapshot().groups
+        seen = len(listeners[2].events)
+        held[1]["cache"].clear()  # given up while its master goes (no LeaveGroup sent)
+        # master a stops as twistd stops it: the store first (nothing released), then its port
+        await a.registry.stop()
+        for service, port, _ in cluster.masters[:1]:
+            await port.stopListening()
+            service.close_all()
+        mover = clients[1]
+        await until(lambda: mover.connected and mover.endpoint_description == at_b and
+                    mover.welcomes == 2, "the node to re-join through b")
+        await until(lambda: b.registry._held.get(1) is not None and
+                    len(b.registry._held[1].groups) == 2, "b to hold its memberships")
+        want = {"workers": {A1, A2, B1}}
+        await until(lambda: clients[2].groups == mover.groups == want, "cache to go")
+        left = [(type(e), getattr(e, "group", None)) for e in listeners[2].events[seen:]
+                if isinstance(e, GroupLeft | HarborLeft)]
+        assert left == [(GroupLeft, "cache")]  # the others never left
+        # and leaving goes through the new master too
+        await clients[1].leave_group("workers", A2).addTimeout(TIMEOUT, reactor)
+        await until(lambda: clients[2].groups == {"workers": {A1, B1}},
+                    "the leave to reach node 2")
+    finally:
+        for client in clients.values():
+            await client.stop()

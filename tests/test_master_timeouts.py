@@ -120,8 +120,8 @@ def test_reconnect_delays_are_capped_and_jittered_from_the_given_rng():
     client = MasterClient(Clock(), "tcp:127.0.0.1:1", SECRET, Listener(),
                           rng=random.Random(4))
     delays = [client.retry_delay(attempt) for attempt in range(1, 12)]
-    assert all(0 < d <= 1.0 for d in delays)
-    assert all(d >= 0.5 for d in delays[4:])  # at the cap: 0.5 to 1 s
+    assert all(0 < d <= 0.5 for d in delays)
+    assert all(d >= 0.25 for d in delays[2:])  # at the cap: 0.25 to 0.5 s
     again = MasterClient(Clock(), "tcp:127.0.0.1:1", SECRET, Listener(),
                          rng=random.Random(4))
     assert [again.retry_delay(attempt) for attempt in range(1, 12)] == delays

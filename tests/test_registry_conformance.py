@@ -5,6 +5,8 @@ master's server uses). The etcd cases run against a real three-member etcd clust
 test on a prefix of its own) and skip, saying why, when ``etcd`` is not on PATH.
 Sequence numbers differ between the stores (etcd's are its revisions): the suite checks
 only that every event has its own, growing, and that a snapshot covers what it shows.
+Service groups (issue 13) follow the same rules in both: memberships are first-class
+records, with events, that die with their harbor.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from skyproto.interfaces import IRegistry, IRegistryListener
 from skyproto.master.etcd_client import EtcdClient
 from skyproto.master.etcd_store import EtcdRegistry
 from skyproto.master.records import (
+    GroupJoined,
+    GroupLeft,
     HarborHeld,
     HarborJoined,
     HarborLeft,
@@ -275,3 +279,113 @@ async def test_a_refused_change_fails_its_deferred_and_tells_nobody(registry):
     await bounded(registry.claim_name("DB", 0x02000002, 2).addErrback(failed.append))
     assert failed and failed[0].check(RegistryRefusal)
     assert len(recorder.events) == told
+
+
+# --- service groups ----------------------------------------------------------------------
+
+A1, A2, B1 = 0x01000002, 0x01000003, 0x02000002
+
+
+def group_events(events: Any) -> list[tuple[str, str, int]]:
+    return [(type(e).__name__, e.group, e.handle) for e in events
+            if isinstance(e, GroupJoined | GroupLeft)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_and_leave_a_group_tell_their_events_and_show_in_the_snapshot(registry):
+    recorder = Recorder()
+    registry.subscribe(recorder)
+    await joined(registry, harbor=1)
+    await joined(registry, harbor=2)
+    (event,) = await bounded(registry.join_group("workers", A1, 1))
+    assert (type(event), event.group, event.handle) == (GroupJoined, "workers", A1)
+    assert recorder.events[-1] == event  # told before the answer
+    await bounded(registry.join_group("workers", B1, 2))
+    assert registry.members("workers") == (A1, B1)
+    table = registry.snapshot()
+    assert table.groups == {"workers": (A1, B1)}
+    assert table.sequence >= registry.sequence >= event.sequence
+    (left,) = await bounded(registry.leave_group("workers", A1, 1))
+    assert (type(left), left.group, left.handle) == (GroupLeft, "workers", A1)
+    assert recorder.events[-1] == left
+    assert registry.members("workers") == (B1,)
+    assert table.groups == {"workers": (A1, B1)}  # a snapshot is a copy
+    await bounded(registry.leave_group("workers", B1, 2))
+    assert registry.snapshot().groups == {} and registry.members("workers") == ()
+    assert increasing(recorder.events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_joining_again_or_leaving_as_a_non_member_changes_nothing(registry):
+    recorder = Recorder()
+    registry.subscribe(recorder)
+    await joined(registry, harbor=1)
+    assert len(await bounded(registry.join_group("workers", A1, 1))) == 1
+    told = len(recorder.events)
+    assert await bounded(registry.join_group("workers", A1, 1)) == ()
+    assert await bounded(registry.leave_group("workers", A2, 1)) == ()
+    assert await bounded(registry.leave_group("nobody", A1, 1)) == ()
+    assert len(recorder.events) == told
+    assert registry.snapshot().groups == {"workers": (A1,)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handle_in_many_groups_and_a_group_across_harbors(registry):
+    await joined(registry, harbor=1)
+    await joined(registry, harbor=2)
+    for group, handle, harbor in [("workers", A1, 1), ("cache", A1, 1), ("workers", A2, 1),
+                                  ("workers", B1, 2), ("a/b", A1, 1), ("größe", B1, 2)]:
+        await bounded(registry.join_group(group, handle, harbor))
+    assert registry.snapshot().groups == {
+        "workers": (A1, A2, B1), "cache": (A1,), "a/b": (A1,), "größe": (B1,)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_names_and_handles_are_checked(registry):
+    await joined(registry, harbor=1)
+    await joined(registry, harbor=2)
+    for group in ["", "two words", "tab\there", "line\n"]:
+        for change in (registry.join_group, registry.leave_group):
+            error = await refusal(change(group, A1, 1))
+            assert f"{group!r} is not a group name" in str(error)
+    error = await refusal(registry.join_group("x" * 256, A1, 1))
+    assert "a group name of 256 bytes is longer than 255" in str(error)
+    error = await refusal(registry.join_group("é" * 128, A1, 1))  # 256 bytes of UTF-8
+    assert "a group name of 256 bytes is longer than 255" in str(error)
+    await bounded(registry.join_group("x" * 255, A1, 1))  # exactly 255 bytes
+    error = await refusal(registry.join_group("workers", B1, 1))
+    assert str(error) == "harbor 1 cannot add :02000002 to a group: the handle is on harbor 2"
+    await bounded(registry.join_group("workers", B1, 2))
+    error = await refusal(registry.leave_group("workers", B1, 1))
+    assert str(error) == ("harbor 1 cannot remove :02000002 from a group: the handle is on "
+                          "harbor 2")
+    assert registry.snapshot().groups == {"x" * 255: (A1,), "workers": (B1,)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_harbor_that_is_not_joined_cannot_join_a_group(registry):
+    error = await refusal(registry.join_group("workers", A1, 1))
+    assert "harbor 1 is not joined" in str(error)
+    assert registry.snapshot().groups == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_memberships_die_with_their_harbor_after_its_names(registry):
+    recorder = Recorder()
+    registry.subscribe(recorder)
+    await joined(registry, harbor=1, names={"DB": A1})
+    await joined(registry, harbor=2)
+    for group, handle, harbor in [("workers", A1, 1), ("workers", A2, 1), ("cache", A1, 1),
+                                  ("workers", B1, 2)]:
+        await bounded(registry.join_group(group, handle, harbor))
+    told = len(recorder.events)
+    events = await bounded(registry.depart(1, 10, "gone"))
+    assert [type(e) for e in events] == [HarborLeft, NameUnbound, GroupLeft, GroupLeft,
+                                         GroupLeft]
+    assert group_events(events) == [("GroupLeft", "cache", A1), ("GroupLeft", "workers", A1),
+                                    ("GroupLeft", "workers", A2)]  # in (group, handle) order
+    assert increasing(events) and recorder.events[told:] == list(events)
+    assert registry.snapshot().groups == {"workers": (B1,)}  # the other harbor's stays
+    # back with a new incarnation: no membership comes back by itself
+    await joined(registry, harbor=1, incarnation=11)
+    assert registry.snapshot().groups == {"workers": (B1,)}

@@ -8,6 +8,7 @@ moves frames between the transport and them, keeps the heartbeat, and tells its
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -50,7 +51,6 @@ from .messages import HARBOR_CODEC, Heartbeat, LinkRefused, LinkRetired
 
 _CONTROL = bytes([FrameKind.CONTROL])
 _DATA = FrameKind.DATA
-_HEARTBEAT = _CONTROL + HARBOR_CODEC.encode(Heartbeat())
 _CLOSED = Failure(ConnectionDone())
 #: handshake messages are under 200 bytes; nothing bigger is read before the proof
 HANDSHAKE_MAX_FRAME = 4096
@@ -95,6 +95,7 @@ class HarborLink(FrameProtocol):
         expect_harbor: int | None = None,
         registry: set[HarborLink] | None = None,
         expect_incarnation: int | None = None,
+        load: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(config.max_frame, config.max_outbound, HANDSHAKE_MAX_FRAME)
         self.registry = registry
@@ -121,6 +122,10 @@ class HarborLink(FrameProtocol):
         self._batch: list[bytes] | None = None
         self._batch_size = 0
         self._data_received = sink.data_received
+        #: this node's load, told to the peer in every heartbeat
+        self._load = load
+        #: the peer's load, as its last heartbeat said
+        self.peer_load = 0
         #: large messages waiting to go, a piece at a time, and those arriving
         self._pieces = PieceScheduler(self._write_piece, config.piece_bytes, config.max_message)
         self._assembler = PieceAssembler(config.max_message)
@@ -320,6 +325,8 @@ class HarborLink(FrameProtocol):
 
     def _control_received(self, message: object) -> None:
         if isinstance(message, Heartbeat):
+            if isinstance(message.load, int) and message.load >= 0:
+                self.peer_load = message.load
             return
         if self.up:
             if isinstance(message, LinkRefused):
@@ -381,7 +388,8 @@ class HarborLink(FrameProtocol):
         self.send_frame(_CONTROL + HARBOR_CODEC.encode(message))
 
     def _beat(self) -> None:
-        self.send_frame(_HEARTBEAT)
+        load = self._load() if self._load is not None and self.up else 0
+        self.send_frame(_CONTROL + HARBOR_CODEC.encode(Heartbeat(load)))
 
     def _silent(self, quiet: float) -> None:
         self._lost_reason = HarborDown(f"harbor {self.peer_harbor} silent for {quiet:.1f} s")
@@ -414,8 +422,9 @@ class HarborLinkFactory(Factory):
     expect_harbor: int | None = None
     registry: set[HarborLink] | None = None
     expect_incarnation: int | None = None
+    load: Callable[[], int] | None = None
 
     def buildProtocol(self, addr: object) -> HarborLink:
         return HarborLink(self.config, self.sink, self.clock, self.dialer, self.expect_harbor,
-                          self.registry, self.expect_incarnation)
+                          self.registry, self.expect_incarnation, self.load)
 

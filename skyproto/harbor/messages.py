@@ -62,7 +62,10 @@ class LinkRefused:
 @HARBOR_CODEC.message(5)
 @attrs.frozen
 class Heartbeat:
-    """Sent every heartbeat interval; any frame counts as a sign of life."""
+    """Sent every heartbeat interval; any frame counts as a sign of life. ``load``: the
+    sender's requests in progress and queued, for ``call_group(pick="least_loaded")``."""
+
+    load: int = 0
 
 
 @HARBOR_CODEC.message(6)

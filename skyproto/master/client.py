@@ -5,23 +5,27 @@ exponential backoff (capped at ``retry_max``); every attempt, connect and handsh
 bounded by ``connect_timeout`` on the injected clock. On top of it the join life cycle is
 an explicit state machine (automat): idle, connecting, handshaking, joining, up,
 resyncing, refused, stopped. Every (re)connection runs the pure
-:class:`~skyproto.master.handshake.NodeHandshake` and joins again with the node's harbor,
+:class:`skyproto.master.handshake.NodeHandshake` and joins again with the node's harbor,
 incarnation, endpoint and the global names a master granted it, so a restarted master
 rebuilds its table from the nodes. Names the node claimed but no master granted yet are
-asked for with BindName after the welcome. The client keeps the master's view of the
-table, applies pushed events in sequence, and fetches the whole table on a gap.
+asked for with BindName after the welcome. Service group memberships
+(``groups_to_assert``) travel in every Join too; any the welcome's table lacks are asked
+for with JoinGroup. The client keeps the master's view of the table (``groups`` included),
+applies pushed events in sequence, and fetches the whole table on a gap.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from automat import TypeMachineBuilder
 from twisted.application.internet import ClientService
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.interfaces import (
     IAddress,
     IProtocol,
@@ -30,7 +34,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -52,6 +56,8 @@ from .messages import (
     MASTER_CODEC,
     BindName,
     GetTable,
+    JoinGroup,
+    LeaveGroup,
     LookupName,
     MasterHeartbeat,
     Refused,
@@ -60,7 +66,18 @@ from .messages import (
     UnbindName,
     Welcome,
 )
-from .registry import Event, HarborJoined, HarborLeft, HarborRecord, NameBound, NameUnbound, Table
+from .records import groups_table
+from .registry import (
+    Event,
+    GroupJoined,
+    GroupLeft,
+    HarborJoined,
+    HarborLeft,
+    HarborRecord,
+    NameBound,
+    NameUnbound,
+    Table,
+)
 
 _BEAT = MASTER_CODEC.encode(MasterHeartbeat())
 NameRefused = Callable[[str, int, str], object]
@@ -68,6 +85,27 @@ NameRefused = Callable[[str, int, str], object]
 
 class _QuietFactory(Factory):
     noisy = False  # it reconnects often; the client logs what matters
+
+
+@implementer(ILogObserver)
+def _warnings_only(event: LogEvent) -> None:
+    """ClientService's own log, minus its info lines: ``Scheduling retry N to connect
+    <... object at 0x...>`` once per attempt says neither where nor why (the client logs
+    each series of failed attempts itself); its warnings still reach the global log."""
+    if event.get("log_level", LogLevel.info) >= LogLevel.warn:
+        globalLogPublisher(event)
+
+
+class _QuietClientService(ClientService):
+    """A ClientService whose logger drops its per-attempt info lines (this class only:
+    every other ClientService logs as usual)."""
+
+    _log = Logger(namespace="twisted.application.internet.ClientService",
+                  observer=_warnings_only)
+
+
+#: log a series of failed attempts again at every this many attempts
+SERIES_EVERY = 10
 
 
 @implementer(IProtocolFactory)
@@ -125,7 +163,8 @@ class BoundedEndpoint:
         self._next += 1
         connecting: Deferred[IProtocol] = endpoint.connect(
             _AttemptFactory(factory, self._client, attempt))
-        return connecting.addTimeout(self.bound, self.clock)
+        connecting.addTimeout(self.bound, self.clock)
+        return connecting.addErrback(self._client._connect_failed, self.current, self.bound)
 
 
 def _master_endpoints(reactor: Any, endpoint: str | IStreamClientEndpoint | Sequence[str],
@@ -154,7 +193,11 @@ class MasterClientProtocol(FrameProtocol):
         #: which connection attempt built this protocol (0: made by hand)
         self.attempt = client._building
         self.handshake = NodeHandshake(client.secret, client.timing, client.join,
-                                       client.names_for_join)
+                                       client.names_for_join, client.groups_for_join)
+        #: the master proved the secret on this connection
+        self.proven = False
+        #: seconds after which this connection was dropped for want of an answer
+        self._timed_out: float | None = None
         timing = client.timing
         self._heartbeat = HeartbeatTimer(client.clock, timing.interval, timing.timeout,
                                          self._beat, self._silent)
@@ -199,6 +242,7 @@ class MasterClientProtocol(FrameProtocol):
                     self.close_connection()
             elif isinstance(outcome, Authenticated):
                 self._stop_deadline()
+                self.proven = True
                 self.authenticated()  # the master proved the secret: its table may be large
                 self._heartbeat.retime(outcome.timing)
                 if outcome.observing:
@@ -211,7 +255,8 @@ class MasterClientProtocol(FrameProtocol):
             if isinstance(message, TableReply):
                 client.store = message.store
             client._requests.resolve(message.request, message)
-        elif isinstance(message, HarborJoined | HarborLeft | NameBound | NameUnbound):
+        elif isinstance(message, HarborJoined | HarborLeft | NameBound | NameUnbound |
+                        GroupJoined | GroupLeft):
             client._from(self, client._machine.event, message)
         else:
             raise ProtocolError(f"unexpected {type(message).__name__} from the master")
@@ -224,6 +269,7 @@ class MasterClientProtocol(FrameProtocol):
     def _late(self) -> None:
         self._deadline = None
         if self.drop_reason is None and self.transport is not None:
+            self._timed_out = self.client.connect_timeout
             self.drop(f"no handshake with the master within "
                       f"{self.client.connect_timeout:g} s")
 
@@ -232,13 +278,33 @@ class MasterClientProtocol(FrameProtocol):
 
     def _silent(self, quiet: float) -> None:
         if self.transport is not None and self.drop_reason is None:
+            self._timed_out = self.client.heartbeat_timeout
             self.drop(f"the master is silent for {quiet:.1f} s")
+
+    def drop(self, reason: str, quiet: bool = False) -> None:
+        # before the master proved the secret, the attempt's failure is logged with its
+        # series (connectionLost), not once per attempt
+        super().drop(reason, quiet or not self.proven)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         self._heartbeat.stop()
         self._stop_deadline()
         client = self.client
-        client._from(self, client._machine.lost, self.drop_reason or reason.getErrorMessage())
+        why = self.drop_reason or reason.getErrorMessage()
+        if self is client.current and client.state in ("handshaking", "joining"):
+            client._attempt_failed(client.endpoint_description, *self._unwelcomed(why))
+        client._from(self, client._machine.lost, why)
+
+    def _unwelcomed(self, why: str) -> tuple[str, str]:
+        """Why this connection ended before a welcome, in words: (kind, reason)."""
+        if self.proven:
+            return "lost", f"the connection was lost during the join ({why})"
+        if self._timed_out is not None:
+            return "timeout", (f"no handshake within {self._timed_out:g} s: not a skyproto "
+                               "master, or an overloaded one")
+        if self.drop_reason is None:
+            return "closed", f"it closed the connection before the handshake ({why})"
+        return "not-master", f"not a skyproto master ({why})"
 
 
 class _ClientInputs(Protocol):
@@ -303,11 +369,12 @@ class MasterClient:
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 3.0,
         retry_initial: float = 0.1,
-        retry_max: float = 1.0,
+        retry_max: float = 0.5,
         max_frame: int = DEFAULT_MAX_FRAME,
         rng: random.Random | None = None,
         connect_timeout: float = 5.0,
         on_name_refused: NameRefused | None = None,
+        groups_to_assert: Callable[[], Mapping[str, Collection[int]]] = dict,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
@@ -318,6 +385,8 @@ class MasterClient:
         #: the global names the node holds now (granted or only claimed)
         self.names_to_assert = names_to_assert
         self.on_name_refused = on_name_refused
+        #: the node's service group memberships now (group -> handles on its harbor)
+        self.groups_to_assert = groups_to_assert
         self.request_timeout = request_timeout
         #: each attempt (connect and handshake) must be done within this many seconds
         self.connect_timeout = connect_timeout
@@ -329,7 +398,7 @@ class MasterClient:
         self.max_frame = max_frame
         self.rng = rng or random.Random()
         self.endpoint = BoundedEndpoint(masters, reactor, self.connect_timeout, self)
-        self._service = ClientService(
+        self._service = _QuietClientService(
             self.endpoint, _QuietFactory.forProtocol(lambda: MasterClientProtocol(self)),
             retryPolicy=self.retry_delay, clock=reactor)
         self._requests = SessionTable(reactor, request_timeout)
@@ -345,16 +414,28 @@ class MasterClient:
         self.store = "memory"
         self.harbors: dict[int, HarborRecord] = {}
         self.names: dict[str, int] = {}
+        #: service groups as the master's table has them: group -> member handles
+        self.groups: dict[str, set[int]] = {}
         self.welcomes = 0
         self.refusal: str | None = None
         #: names with a BindName of ours in flight
         self._binding: set[str] = set()
+        #: memberships with a JoinGroup of ours in flight (how many)
+        self._group_joining: Counter[tuple[str, int]] = Counter()
         self._attempts = 0
         #: attempts since the last welcome: a connection that is made and then fails (TLS
         #: refused, handshake failed) resets ClientService's count, not this one
         self._unwelcomed = 0
         self._attempt_started: dict[int, float] = {}
         self._building = 0
+        #: the master and reason of the latest failed attempt ("tcp:...: connection
+        #: refused"); None once a master answered
+        self.last_failure: str | None = None
+        #: failed attempts since the last welcome, and the kind of failure last logged for
+        #: each master: a series is logged at its first failure, every SERIES_EVERY
+        #: failures and whenever a master fails for another reason
+        self._failures = 0
+        self._logged_kinds: dict[str, str] = {}
         self._machine = ClientMachine(self)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -429,10 +510,35 @@ class MasterClient:
         return self._request(lambda request: GetTable(request), timeout).addCallback(
             lambda reply: reply.table)
 
+    def join_group(self, group: str, handle: int,
+                   timeout: float | None = None) -> Deferred[None]:
+        """Fires once the master has ``handle`` (on our harbor) in service group ``group``
+        (its GroupJoined is in ``groups`` by then; joining again changes nothing);
+        NameConflict with the master's reason if it refused (not a group name, a handle on
+        another harbor), MasterUnavailable if no master answered within ``timeout``."""
+        key = (group, handle)
+        self._group_joining[key] += 1
+
+        def done(result: object) -> object:
+            self._group_joining[key] -= 1
+            if self._group_joining[key] <= 0:
+                del self._group_joining[key]
+            return result
+
+        return self._request(lambda request: JoinGroup(request, group, handle),
+                             timeout).addBoth(done).addCallback(lambda reply: None)
+
+    def leave_group(self, group: str, handle: int,
+                    timeout: float | None = None) -> Deferred[None]:
+        """Fires once the master took ``handle`` out of ``group`` (also when it was not
+        in it); NameConflict if it refused, MasterUnavailable as for ``join_group``."""
+        return self._request(lambda request: LeaveGroup(request, group, handle),
+                             timeout).addCallback(lambda reply: None)
+
     def table(self) -> Table:
         """The master's view as this client knows it now."""
         return Table(self.sequence, tuple(self.harbors[h] for h in sorted(self.harbors)),
-                     dict(self.names))
+                     dict(self.names), groups_table(self.groups))
 
     def granted(self) -> dict[str, int]:
         """The names the master's table (as we know it) gives to handles on our harbor."""
@@ -445,6 +551,11 @@ class MasterClient:
         granted = self.granted()
         return {name: handle for name, handle in self.names_to_assert().items()
                 if granted.get(name) == handle}
+
+    def groups_for_join(self) -> dict[str, tuple[int, ...]]:
+        """What a Join re-asserts of the groups: every membership the node holds now
+        (a group has no owner to conflict with, so granted or not)."""
+        return groups_table(self.groups_to_assert())
 
     # --- requests ----------------------------------------------------------------------
 
@@ -511,6 +622,32 @@ class MasterClient:
             return self.connect_timeout
         return started + self.connect_timeout - self.clock.seconds()
 
+    def _connect_failed(self, failure: Failure, master: str, bound: float) -> Failure:
+        """An attempt that did not even connect: say why, with its series."""
+        if failure.check(ConnectionRefusedError):
+            kind, reason = "refused", "connection refused"
+        elif failure.check(TimeoutError, ConnectingCancelledError, CancelledError):
+            if not self._service.running:
+                return failure  # stopping: not a failure of the master
+            kind, reason = "timeout", f"no connection within {bound:g} s (timed out)"
+        else:
+            kind, reason = type(failure.value).__name__, failure.getErrorMessage()
+        self._attempt_failed(master, kind, reason)
+        return failure
+
+    def _attempt_failed(self, master: str, kind: str, reason: str) -> None:
+        """One more failed attempt: logged when it starts a series, every SERIES_EVERY
+        attempts, and when its kind (refused, timeout, not-master, ...) changes."""
+        if self.state in ("refused", "stopped"):
+            return
+        self._failures += 1
+        self.last_failure = f"{master}: {reason}"
+        if self._failures == 1 or self._failures % SERIES_EVERY == 0 or \
+                self._logged_kinds.get(master) != kind:
+            self._logged_kinds[master] = kind
+            self.log.warn("no master at {master}: {reason} (attempt {attempt}; retrying)",
+                          master=master, reason=reason, attempt=self._failures, kind=kind)
+
     # --- events into the machine -------------------------------------------------------
 
     def _from(self, protocol: MasterClientProtocol, event: Callable[..., None],
@@ -553,6 +690,7 @@ class MasterClient:
         self._up()
         self.listener.master_table(welcome.table, first)
         self._claim()
+        self._claim_groups()
 
     def _claim(self) -> None:
         """Ask for the names we hold that no master granted yet (claimed before joining)."""
@@ -569,12 +707,32 @@ class MasterClient:
             self._name_refused(name, handle, failure.getErrorMessage())
         # otherwise the connection went: the next welcome claims it again
 
+    def _claim_groups(self) -> None:
+        """Ask for the memberships we hold that the welcome's table lacks (joined while no
+        master was there, or not decided when the Join re-asserted them)."""
+        for group, handles in sorted(self.groups_to_assert().items()):
+            members = self.groups.get(group, set())
+            for handle in sorted(handles):
+                if handle in members or (group, handle) in self._group_joining:
+                    continue
+                self.join_group(group, handle).addErrback(self._group_claim_failed, group,
+                                                          handle)
+
+    def _group_claim_failed(self, failure: Failure, group: str, handle: int) -> None:
+        if failure.check(NameConflict):
+            self.log.warn("the master refused membership of :{handle:08x} in group {group}: "
+                          "{why}", handle=handle, group=group, why=failure.getErrorMessage())
+        # otherwise the connection went: the next welcome asks again
+
     def _name_refused(self, name: str, handle: int, why: str) -> None:
         if self.on_name_refused is not None:
             self.on_name_refused(name, handle, why)
 
     def _up(self) -> None:
         self.refusal = None
+        self.last_failure = None
+        self._failures = 0
+        self._logged_kinds = {}
         waiters, self._ready = self._ready, []
         protocol = self.current
         assert protocol is not None
@@ -598,8 +756,17 @@ class MasterClient:
                 del self.harbors[event.harbor]
         elif isinstance(event, NameBound):
             self.names[event.name] = event.handle
-        elif self.names.get(event.name) == event.handle:
-            del self.names[event.name]
+        elif isinstance(event, NameUnbound):
+            if self.names.get(event.name) == event.handle:
+                del self.names[event.name]
+        elif isinstance(event, GroupJoined):
+            self.groups.setdefault(event.group, set()).add(event.handle)
+        else:
+            members = self.groups.get(event.group)
+            if members is not None:
+                members.discard(event.handle)
+                if not members:
+                    del self.groups[event.group]
         self.listener.master_event(event)
         return True
 
@@ -619,6 +786,7 @@ class MasterClient:
         self.sequence = table.sequence
         self.harbors = {record.harbor: record for record in table.harbors}
         self.names = dict(table.names)
+        self.groups = {group: set(members) for group, members in table.groups.items()}
 
     def _refused(self, reason: str) -> None:
         self.refusal = reason

@@ -8,21 +8,25 @@ Key layout under the prefix ``P`` (``--store-prefix``, default ``/skyproto/``), 
     ``{"handle", "claim"}``, on a lease of its own; ``claim`` is the create revision of the
     harbor key it was bound under (so a name left over from a harbor's previous session is
     recognised as such and may be replaced).
+``P groups/GROUP/HHHHHHHH`` (HHHHHHHH: the member handle, 8 lowercase hex digits)
+    ``{"claim"}``, on a lease of its own: one service group membership (``claim`` as for
+    names); a handle may be in many groups, a group has members on many harbors.
 ``P fixed/NNN``
     empty, no lease: a node once asked for id NNN by number (``--harbor auto`` avoids it).
 
 Every harbor id and name is created by a transaction that succeeds only if the key does not
 exist (first writer wins across all masters), attached to a lease that this master renews
-while the node's session lasts. One lease per key, not per node or per master: a lease
+while the node's session lasts (a membership key too, taken over if it exists: only its
+handle's harbor may hold it). One lease per key, not per node or per master: a lease
 that ends deletes its keys in one revision, and every change a node sees must have a
 revision of its own (its sequence number; it drops a second event with the same one). All
 leases are renewed together, one keep-alive request for all of them every ``lease_ttl /
-3`` seconds. A node's departure revokes its leases (the harbor first, then its names, as
-the in-memory store orders its events); a master that dies or is cut off stops renewing,
-and etcd deletes its nodes' keys when their TTL runs out. A master that stops cleanly
-revokes nothing: its nodes, re-joining another master within the TTL with the same
-incarnation, take their keys over (compare-and-set onto the new master's leases) without
-ever leaving the table.
+3`` seconds. A node's departure revokes its leases (the harbor first, then its names, then
+its group memberships, as the in-memory store orders its events); a master that dies or is
+cut off stops renewing, and etcd deletes its nodes' keys when their TTL runs out. A
+master that stops cleanly revokes nothing: its nodes, re-joining another master within the
+TTL with the same incarnation, take their keys over (compare-and-set onto the new master's
+leases) without ever leaving the table.
 
 Every master watches the prefix and turns each change into the registry's events, the
 sequence number being etcd's revision; its own changes reach its nodes the same way, and
@@ -48,7 +52,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final, TypeVar
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
@@ -76,6 +80,8 @@ from .etcd_client import (
 from .records import (
     ALL_TAKEN,
     Event,
+    GroupJoined,
+    GroupLeft,
     HarborHeld,
     HarborJoined,
     HarborLeft,
@@ -87,8 +93,10 @@ from .records import (
     RegistryUnavailable,
     Table,
     check_binding,
+    check_group,
     check_harbor_id,
     free_harbors,
+    groups_table,
     taken_message,
 )
 
@@ -109,9 +117,11 @@ class _Holding:
     claim: int  # the harbor key's create revision
     lease: int
     names: dict[str, int] = attrs.field(factory=dict)  # name -> its lease
+    #: (group, handle) -> the lease of that membership
+    groups: dict[tuple[str, int], int] = attrs.field(factory=dict)
 
     def leases(self) -> list[int]:
-        return [self.lease, *self.names.values()]
+        return [self.lease, *self.names.values(), *self.groups.values()]
 
 
 @attrs.define(eq=False)
@@ -150,6 +160,9 @@ class EtcdRegistry:
         self._harbors: dict[int, HarborRecord] = {}
         self._names: dict[str, int] = {}
         self._claims: dict[str, int] = {}  # name -> the harbor claim it was bound under
+        self._groups: dict[str, set[int]] = {}  # group -> its members (none: no entry)
+        #: one change at a time per membership key (a leave waits for a join in flight)
+        self._group_locks: dict[bytes, DeferredLock] = {}
         self._fixed: set[int] = set()
         self._held: dict[int, _Holding] = {}
         self._pending: set[int] = set()  # leases granted, not yet in a holding
@@ -176,10 +189,13 @@ class EtcdRegistry:
 
     def snapshot(self) -> Table:
         return Table(self.sequence, tuple(self._harbors[h] for h in sorted(self._harbors)),
-                     dict(self._names))
+                     dict(self._names), groups_table(self._groups))
 
     def lookup(self, name: str) -> int | None:
         return self._names.get(name)
+
+    def members(self, group: str) -> tuple[int, ...]:
+        return tuple(sorted(self._groups.get(group, ())))
 
     def harbor(self, harbor: int) -> HarborRecord | None:
         return self._harbors.get(harbor)
@@ -294,6 +310,14 @@ class EtcdRegistry:
     def release_name(self, name: str, requester: int) -> Deferred[tuple[Event, ...]]:
         return Deferred.fromCoroutine(self._release_name(name, requester))
 
+    def join_group(self, group: str, handle: int,
+                   requester: int) -> Deferred[tuple[Event, ...]]:
+        return Deferred.fromCoroutine(self._join_group(group, handle, requester))
+
+    def leave_group(self, group: str, handle: int,
+                    requester: int) -> Deferred[tuple[Event, ...]]:
+        return Deferred.fromCoroutine(self._leave_group(group, handle, requester))
+
     # --- keys and values -----------------------------------------------------------------
 
     def harbor_key(self, harbor: int) -> bytes:
@@ -305,6 +329,9 @@ class EtcdRegistry:
     def fixed_key(self, harbor: int) -> bytes:
         return self._p + b"fixed/%03d" % harbor
 
+    def group_key(self, group: str, handle: int) -> bytes:
+        return self._p + b"groups/" + group.encode() + b"/%08x" % handle
+
     def _parse_key(self, key: bytes) -> tuple[str, Any]:
         rest = key[len(self._p):]
         kind, _, ident = rest.partition(b"/")
@@ -313,6 +340,10 @@ class EtcdRegistry:
                 return kind.decode(), int(ident)
             if kind == b"names" and ident:
                 return "names", ident.decode()
+            group, _, member = ident.rpartition(b"/")
+            if kind == b"groups" and group and len(member) == 8 and \
+                    all(c in b"0123456789abcdef" for c in member):
+                return "groups", (group.decode(), int(member, 16))
         except UnicodeDecodeError:
             pass
         return "other", None
@@ -350,6 +381,12 @@ class EtcdRegistry:
                     event = NameBound(kv.mod_revision, ident, handle)
                 self._names[ident] = handle
                 self._claims[ident] = claim
+            elif kind == "groups":
+                group, handle = ident
+                members = self._groups.setdefault(group, set())
+                if handle not in members:
+                    event = GroupJoined(kv.mod_revision, group, handle)
+                members.add(handle)
             elif kind == "fixed":
                 self._fixed.add(ident)
         except (ValueError, KeyError, TypeError) as e:
@@ -375,6 +412,14 @@ class EtcdRegistry:
             self._claims.pop(ident, None)
             if handle is not None:
                 event = NameUnbound(revision, ident, handle)
+        elif kind == "groups":
+            group, member = ident
+            members = self._groups.get(group)
+            if members is not None and member in members:
+                members.discard(member)
+                if not members:
+                    del self._groups[group]
+                event = GroupLeft(revision, group, member)
         if event is not None:
             self._recent[key] = event
         return event
@@ -414,6 +459,11 @@ class EtcdRegistry:
             for hold in self._held.values():
                 if hold.names.get(ident) == previous.lease:
                     return [(hold, f"name {ident}: {why}")]
+        elif kind == "groups":
+            for hold in self._held.values():
+                if hold.groups.get(ident) == previous.lease:
+                    group, handle = ident
+                    return [(hold, f"membership of :{handle:08x} in group {group}: {why}")]
         return []
 
     def _lose(self, hold: _Holding, why: str) -> None:
@@ -759,6 +809,7 @@ class EtcdRegistry:
         if previous is not None:
             if previous.incarnation == incarnation:
                 hold.names.update(previous.names)  # still ours, renewed with this session
+                hold.groups.update(previous.groups)
             self._revoke_later(previous.lease)
         self._held[harbor] = hold
         self._pending.discard(lease)
@@ -797,11 +848,16 @@ class EtcdRegistry:
         key = self.harbor_key(harbor)
         before = self._kvs.get(key)
         names = {name: self._kvs.get(self.name_key(name)) for name in hold.names}
+        groups = {membership: self._kvs.get(self.group_key(*membership))
+                  for membership in hold.groups}
         deadline = self.clock.seconds() + self.write_timeout
         try:
             await self._etcd(self.client.revoke(hold.lease, timeout=self._left(deadline)))
             for name in sorted(hold.names):
                 await self._etcd(self.client.revoke(hold.names[name],
+                                                    timeout=self._left(deadline)))
+            for membership in sorted(hold.groups):
+                await self._etcd(self.client.revoke(hold.groups[membership],
                                                     timeout=self._left(deadline)))
         except RegistryUnavailable as e:
             self.log.warn("harbor {harbor} left, but its keys stay in etcd until their leases "
@@ -814,13 +870,19 @@ class EtcdRegistry:
                     self._kvs.get(key) == before:
                 return False
             return all(self._kvs.get(self.name_key(name)) != kv for name, kv in names.items()
-                       if kv is not None and kv.lease == hold.names[name])
+                       if kv is not None and kv.lease == hold.names[name]) and \
+                all(self._kvs.get(self.group_key(*membership)) != kv
+                    for membership, kv in groups.items()
+                    if kv is not None and kv.lease == hold.groups[membership])
 
         await self._until(gone, f"the departure of harbor {harbor}")
         events = self._since(key, before.mod_revision + 1) if before is not None else []
         for name, kv in sorted(names.items()):
             if kv is not None:
                 events.extend(self._since(self.name_key(name), kv.mod_revision + 1))
+        for membership, kv in sorted(groups.items()):
+            if kv is not None:
+                events.extend(self._since(self.group_key(*membership), kv.mod_revision + 1))
         return tuple(sorted(events, key=lambda e: e.sequence))
 
     # --- names -------------------------------------------------------------------------------
@@ -919,3 +981,111 @@ class EtcdRegistry:
         await self._until(lambda: self._kvs.get(key) != seen, f"the removal of name {name}")
         return tuple(self._since(key, seen.mod_revision + 1))
 
+
+    # --- service groups --------------------------------------------------------------------
+
+    async def _serialized(self, key: bytes, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run ``work`` when no other change of the same membership key is in flight."""
+        lock = self._group_locks.setdefault(key, DeferredLock())
+        await lock.acquire()
+        try:
+            return await work()
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting and self._group_locks.get(key) is lock:
+                del self._group_locks[key]
+
+    async def _join_group(self, group: str, handle: int, requester: int) -> tuple[Event, ...]:
+        check_group(group, handle, requester)
+        await self._until_ready()
+        key = self.group_key(group, handle)
+        return await self._serialized(key, lambda: self._store_member(group, handle,
+                                                                      requester, key))
+
+    async def _store_member(self, group: str, handle: int, requester: int,
+                            key: bytes) -> tuple[Event, ...]:
+        hold = self._held.get(requester)
+        if hold is None:
+            raise RegistryRefusal(f"harbor {requester} is not joined through this master")
+        membership = (group, handle)
+        seen = self._kvs.get(key)
+        if seen is not None and seen.lease == hold.groups.get(membership):
+            return ()  # ours already
+        deadline = self.clock.seconds() + self.write_timeout
+        lease = await self._new_lease(deadline)
+        value = self._encode({"claim": hold.claim})
+        try:
+            revision = await self._write_member(key, value, lease, deadline)
+        except BaseException:
+            self._pending.discard(lease)
+            self._revoke_later(lease)
+            raise
+        if self._held.get(requester) is not hold:
+            self._pending.discard(lease)
+            self._revoke_later(lease)
+            raise RegistryRefusal(f"harbor {requester} left before its membership of group "
+                                  f"{group} was stored")
+        replaced = hold.groups.get(membership)
+        hold.groups[membership] = lease
+        self._pending.discard(lease)
+        if replaced is not None and replaced != lease:
+            self._revoke_later(replaced)
+        await self._until(lambda: self.sequence >= revision,
+                          f"the membership of :{handle:08x} in group {group}")
+        return tuple(self._since(key, revision))
+
+    async def _write_member(self, key: bytes, value: bytes, lease: int,
+                            deadline: float) -> int:
+        """Put a membership key on ``lease``: created if absent, else taken over from the
+        session that put it (a previous one of this harbor, or one through another master:
+        a membership has no other owner than its handle's harbor)."""
+        while True:
+            result = await self._etcd(self.client.txn(
+                [absent(key)], [put(key, value, lease)], [get(key)],
+                timeout=self._left(deadline)))
+            if result.succeeded:
+                return result.revision
+            found = result.ranges()[0]
+            if not found:
+                continue
+            kv = found[0]
+            if kv.lease == lease:
+                return kv.mod_revision  # our own earlier attempt got through
+            result = await self._etcd(self.client.txn(
+                [modified_at(key, kv.mod_revision)], [put(key, value, lease)], [get(key)],
+                timeout=self._left(deadline)))
+            if result.succeeded:
+                return result.revision
+            found = result.ranges()[0]
+            if found and found[0].lease == lease:
+                return found[0].mod_revision
+            # changed meanwhile: look again
+
+    async def _leave_group(self, group: str, handle: int, requester: int) -> tuple[Event, ...]:
+        check_group(group, handle, requester, joining=False)
+        await self._until_ready()
+        key = self.group_key(group, handle)
+        return await self._serialized(key, lambda: self._remove_member(group, handle,
+                                                                       requester, key))
+
+    async def _remove_member(self, group: str, handle: int, requester: int,
+                             key: bytes) -> tuple[Event, ...]:
+        hold = self._held.get(requester)
+        lease = hold.groups.pop((group, handle), None) if hold is not None else None
+        seen = self._kvs.get(key)
+        if seen is None:
+            if lease is not None:
+                self._revoke_later(lease)
+            return ()  # not a member: nothing to do
+        deadline = self.clock.seconds() + self.write_timeout
+        if lease is not None and lease == seen.lease:
+            await self._etcd(self.client.revoke(lease, timeout=self._left(deadline)))
+        else:
+            # joined through another session: delete it if it is still what we saw
+            await self._etcd(self.client.txn([modified_at(key, seen.mod_revision)],
+                                             [delete(key)], timeout=self._left(deadline)))
+            if lease is not None:
+                self._revoke_later(lease)
+        await self._until(lambda: self._kvs.get(key) != seen,
+                          f"the removal of :{handle:08x} from group {group}")
+        return tuple(self._since(key, seen.mod_revision + 1))

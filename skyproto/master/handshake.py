@@ -1,14 +1,14 @@
 """The master handshake as one pure state machine for both sides (no I/O), tested directly.
 
-```
-node                                                         master
-  MasterHello(version, key_n)                           ->   version, key checked
-                        <-   MasterChallenge(version, key_m, proof_m, heartbeat timing)
-  version, proof_m checked                                   (both sides now seal)
-  [Join(proof_n, who, names, heartbeat timing) or Observe(proof_n, heartbeat timing)]  ->
-                                                             proof_n, timing, endpoint checked
-                        <-   [Welcome(...) or Refused(reason)]  (the master's registry decides)
-```
+::
+
+    node                                                         master
+      MasterHello(version, key_n)                           ->   version, key checked
+                            <-   MasterChallenge(version, key_m, proof_m, heartbeat timing)
+      version, proof_m checked                                   (both sides now seal)
+      [Join(proof_n, who, names, heartbeat timing, groups) or Observe(proof_n, timing)]  ->
+                                                                 proof_n, timing, endpoint checked
+                            <-   [Welcome(...) or Refused(reason)]  (the master's registry decides)
 
 ``[...]`` is sealed: keys come from the X25519 exchange of ``key_n`` and ``key_m`` and the
 stretched secret, bound to the transcript (:mod:`skyproto.wire.seal`), as on harbor links.
@@ -23,7 +23,7 @@ or :class:`Refusal`). Both sides then beat at the governing timing, the slower s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Final
 
 import attrs
@@ -207,12 +207,14 @@ class MasterHandshake:
 
 @attrs.define
 class NodeHandshake:
-    """The node's side: ``join`` None makes it an observer; ``names`` are asserted in the Join."""
+    """The node's side: ``join`` None makes it an observer; ``names`` and ``groups`` (group
+    -> handles) are asserted in the Join."""
 
     secret: bytes = attrs.field(repr=False)
     timing: HeartbeatTiming
     join: JoinInfo | None
     names: Callable[[], Mapping[str, int]] = dict
+    groups: Callable[[], Mapping[str, Collection[int]]] = dict
     #: 32 random bytes this handshake's X25519 key is made from
     seed: bytes = attrs.field(factory=new_nonce, repr=False)
     _keys: _Keys = attrs.field(init=False, repr=False)
@@ -270,8 +272,10 @@ class NodeHandshake:
             return Step(keys=keys, sealed=(Observe(proof, mine.interval, mine.timeout),),
                         outcome=Authenticated(timing, observing=True))
         info = self.join
+        groups = {group: tuple(sorted(handles)) for group, handles in self.groups().items()
+                  if handles}
         join = Join(proof, info.harbor, info.incarnation, info.node, info.endpoint,
-                    dict(self.names()), mine.interval, mine.timeout)
+                    dict(self.names()), mine.interval, mine.timeout, groups)
         return Step(keys=keys, sealed=(join,), outcome=Authenticated(timing, observing=False))
 
     def _refuse(self, reason: str) -> Step:

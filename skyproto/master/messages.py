@@ -1,7 +1,7 @@
 """The master protocol's messages: handshake, join, pushed events, requests and replies.
 
 Encoded by :data:`MASTER_CODEC` (a CBOR array ``[code, field, ...]``), one per frame. The
-registry's own event and table classes (:mod:`.records`) travel as they are.
+registry's own event and table classes (:mod:`skyproto.master.records`) travel as they are.
 """
 
 from __future__ import annotations
@@ -12,11 +12,22 @@ from typing import Final
 import attrs
 
 from ..wire.codec import MessageCodec
-from .records import HarborJoined, HarborLeft, HarborRecord, NameBound, NameUnbound, Table
+from .records import (
+    GroupJoined,
+    GroupLeft,
+    HarborJoined,
+    HarborLeft,
+    HarborRecord,
+    NameBound,
+    NameUnbound,
+    Table,
+)
 
 #: 2: the handshake carries each side's heartbeat timing (MasterChallenge, Join, Observe)
 #: 3: X25519 keys instead of nonces; Join/Observe and everything after them sealed
-PROTOCOL_VERSION: Final = 3
+#: 4: service groups (JoinGroup, LeaveGroup, GroupJoined, GroupLeft, Join.groups,
+#: Table.groups): a version 3 peer could not decode the new fields
+PROTOCOL_VERSION: Final = 4
 MASTER_CODEC = MessageCodec("master")
 NODE_ROLE: Final = b"master-node"
 MASTER_ROLE: Final = b"master-server"
@@ -60,8 +71,10 @@ class Join:
     """Node -> master, the first sealed record: its proof, who it is, the names it holds.
 
     ``harbor`` 0 asks the master to assign one. ``names`` are the global names a master
-    granted the node, re-asserted at every join (so a restarted master gets them back).
-    The heartbeat fields are the node's own timing; the slower side's governs both.
+    granted the node, re-asserted at every join (so a restarted master gets them back);
+    ``groups`` the node's service group memberships (group -> handles on its harbor), also
+    re-asserted at every join. The heartbeat fields are the node's own timing; the slower
+    side's governs both.
     """
 
     proof: bytes
@@ -72,6 +85,7 @@ class Join:
     names: dict[str, int]
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0
+    groups: dict[str, tuple[int, ...]] = attrs.field(factory=dict)
 
 
 @MASTER_CODEC.message(4)
@@ -137,7 +151,8 @@ class GetTable:
 @MASTER_CODEC.message(11)
 @attrs.frozen
 class Reply:
-    """The answer to a request: ``error`` empty on success; ``handle`` 0 if none."""
+    """The answer to a request (names and groups): ``error`` empty on success; ``handle``
+    0 if none."""
 
     request: int
     error: str
@@ -159,14 +174,36 @@ class MasterHeartbeat:
     """Both ways, every heartbeat interval."""
 
 
+@MASTER_CODEC.message(14)
+@attrs.frozen
+class JoinGroup:
+    """Node -> master: make ``handle`` (on the node's harbor) a member of ``group``."""
+
+    request: int
+    group: str
+    handle: int
+
+
+@MASTER_CODEC.message(15)
+@attrs.frozen
+class LeaveGroup:
+    """Node -> master: take ``handle`` out of ``group``."""
+
+    request: int
+    group: str
+    handle: int
+
+
 MASTER_CODEC.message(20)(HarborJoined)
 MASTER_CODEC.message(21)(HarborLeft)
 MASTER_CODEC.message(22)(NameBound)
 MASTER_CODEC.message(23)(NameUnbound)
+MASTER_CODEC.message(24)(GroupJoined)
+MASTER_CODEC.message(25)(GroupLeft)
 
 __all__ = [
-    "MASTER_CODEC", "BindName", "GetTable", "HarborJoined", "HarborLeft", "HarborRecord",
-    "Join", "LookupName", "MasterChallenge", "MasterHeartbeat", "MasterHello", "NameBound",
-    "NameUnbound", "Observe", "Refused", "Reply", "Table", "TableReply", "UnbindName",
-    "Welcome",
+    "MASTER_CODEC", "BindName", "GetTable", "GroupJoined", "GroupLeft", "HarborJoined",
+    "HarborLeft", "HarborRecord", "Join", "JoinGroup", "LeaveGroup", "LookupName",
+    "MasterChallenge", "MasterHeartbeat", "MasterHello", "NameBound", "NameUnbound",
+    "Observe", "Refused", "Reply", "Table", "TableReply", "UnbindName", "Welcome",
 ]

@@ -2,14 +2,15 @@
 
 Shared by the in-memory store (:mod:`skyproto.master.registry`), the etcd store
 (:mod:`skyproto.master.etcd_store`), the master's server and the node's client: the
-protocol code knows these classes and :class:`~skyproto.interfaces.IRegistry`, never a
-store's own. The pure rules both stores apply (what a global name is, which id
-``--harbor auto`` gets) are here too, so the two cannot drift apart.
+protocol code knows these classes and :class:`skyproto.interfaces.IRegistry`, never a
+store's own. The pure rules both stores apply (what a global name is, what a group name
+is, which id ``--harbor auto`` gets) are here too, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Container
+from collections.abc import Collection, Container, Mapping
+from typing import Final
 
 import attrs
 
@@ -64,6 +65,8 @@ class Table:
     sequence: int
     harbors: tuple[HarborRecord, ...]
     names: dict[str, int]
+    #: service groups: group name -> its member handles, sorted (groups with none are absent)
+    groups: dict[str, tuple[int, ...]] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -94,7 +97,25 @@ class NameUnbound:
     handle: int
 
 
-Event = HarborJoined | HarborLeft | NameBound | NameUnbound
+@attrs.frozen
+class GroupJoined:
+    """``handle`` is now a member of service group ``group``."""
+
+    sequence: int
+    group: str
+    handle: int
+
+
+@attrs.frozen
+class GroupLeft:
+    """``handle`` is no longer a member of ``group`` (it left, or its harbor did)."""
+
+    sequence: int
+    group: str
+    handle: int
+
+
+Event = HarborJoined | HarborLeft | NameBound | NameUnbound | GroupJoined | GroupLeft
 
 
 @attrs.frozen
@@ -118,6 +139,34 @@ def check_binding(name: str, handle: int, requester: int) -> None:
         raise RegistryRefusal(f"{name!r} is not a global name")
     if harbor_of(handle) != requester:
         raise RegistryRefusal(f"harbor {requester} cannot name a handle on another harbor")
+
+
+#: the longest group name, in bytes of UTF-8
+MAX_GROUP: Final = 255
+
+
+def check_group(group: str, handle: int, requester: int, joining: bool = True) -> None:
+    """Refuse a group name that is empty, has whitespace or is longer than 255 bytes of
+    UTF-8, or a handle on another harbor than the requester's (``joining``: for the words)."""
+    try:
+        size = len(group.encode())
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for it
+        size = 0
+    if not size or any(c.isspace() for c in group):
+        raise RegistryRefusal(f"{group[:80]!r} is not a group name")
+    if size > MAX_GROUP:
+        raise RegistryRefusal(f"a group name of {size} bytes is longer than {MAX_GROUP}")
+    owner = harbor_of(handle)
+    if owner != requester:
+        change = f"add :{handle:08x} to" if joining else f"remove :{handle:08x} from"
+        raise RegistryRefusal(f"harbor {requester} cannot {change} a group: "
+                              f"the handle is on harbor {owner}")
+
+
+def groups_table(groups: Mapping[str, Collection[int]]) -> dict[str, tuple[int, ...]]:
+    """The ``Table.groups`` form: each group's members sorted, groups with none left out."""
+    return {group: tuple(sorted(members)) for group, members in sorted(groups.items())
+            if members}
 
 
 def taken_message(name: str, handle: int) -> str:

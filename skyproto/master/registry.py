@@ -1,18 +1,21 @@
-"""The embedded registry: harbor id -> node, global name -> handle, in two dicts.
+"""The embedded registry: harbor id -> node, global name -> handle, group -> members.
 
-:class:`InMemoryRegistry` is two things. Its ``join``, ``leave``, ``bind`` and ``unbind``
-are the pure table (no I/O, no reactor, no subscriber told): every change bumps the
-sequence number and comes back as events. Its :class:`~skyproto.interfaces.IRegistry`
-methods (``admit``, ``depart``, ``claim_name``, ``release_name``), which the master uses,
-run the same change, tell every subscriber its events, and answer with a Deferred that has
-already fired, so tests over it stay deterministic. The etcd store
+:class:`InMemoryRegistry` is two things. Its ``join``, ``leave``, ``bind``, ``unbind``,
+``add_member`` and ``remove_member`` are the pure table (no I/O, no reactor, no subscriber
+told): every change bumps the sequence number and comes back as events. Its
+:class:`skyproto.interfaces.IRegistry` methods (``admit``, ``depart``, ``claim_name``,
+``release_name``, ``join_group``, ``leave_group``), which the master uses, run the same
+change, tell every subscriber its events, and answer with a Deferred that has already
+fired, so tests over it stay deterministic. The etcd store
 (:mod:`skyproto.master.etcd_store`) implements the same interface over several masters.
 Rules: a harbor id held by a live node is refused; a dead node's id is free at once; the
-first writer of a name wins; names die with their harbor. ``--harbor auto`` ids come from
-the top of the range (255 downward), never an id a fixed-id node has used while another
-is free, so auto nodes do not take the ids of fixed nodes that crashed or start later.
-The result and event classes live in :mod:`skyproto.master.records` (and are importable
-from here as before).
+first writer of a name wins; names and group memberships die with their harbor (a group
+is a name with a set of member handles anywhere in the cluster, like Erlang's ``pg``; a
+node changes only the memberships of handles on its own harbor). ``--harbor auto`` ids
+come from the top of the range (255 downward), never an id a fixed-id node has used while
+another is free, so auto nodes do not take the ids of fixed nodes that crashed or start
+later. The result and event classes live in :mod:`skyproto.master.records` (and are
+importable from here as before).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from ..interfaces import IRegistry, IRegistryListener
 from .records import (
     ALL_TAKEN,
     Event,
+    GroupJoined,
+    GroupLeft,
     HarborHeld,
     HarborJoined,
     HarborLeft,
@@ -39,20 +44,23 @@ from .records import (
     RegistryUnavailable,
     Table,
     check_binding,
+    check_group,
     check_harbor_id,
     free_harbors,
+    groups_table,
     taken_message,
 )
 
 __all__ = [
-    "Event", "HarborHeld", "HarborJoined", "HarborLeft", "HarborRecord", "InMemoryRegistry",
-    "Joined", "NameBound", "NameUnbound", "RegistryRefusal", "RegistryUnavailable", "Table",
+    "Event", "GroupJoined", "GroupLeft", "HarborHeld", "HarborJoined", "HarborLeft",
+    "HarborRecord", "InMemoryRegistry", "Joined", "NameBound", "NameUnbound",
+    "RegistryRefusal", "RegistryUnavailable", "Table",
 ]
 
 
 @implementer(IRegistry)
 class InMemoryRegistry:
-    """The embedded default registry: everything in two dicts."""
+    """The embedded default registry: everything in dicts."""
 
     kind = "memory"
 
@@ -60,6 +68,8 @@ class InMemoryRegistry:
         self.sequence = 0
         self._harbors: dict[int, HarborRecord] = {}
         self._names: dict[str, int] = {}
+        #: group -> its members (a group with none is removed)
+        self._groups: dict[str, set[int]] = {}
         #: ids that nodes asked for by number: auto nodes get them only when nothing else is free
         self._fixed: set[int] = set()
         self._listeners: list[IRegistryListener] = []
@@ -68,13 +78,17 @@ class InMemoryRegistry:
 
     def snapshot(self) -> Table:
         return Table(self.sequence, tuple(sorted(self._harbors.values(),
-                                                 key=lambda r: r.harbor)), dict(self._names))
+                                                 key=lambda r: r.harbor)), dict(self._names),
+                     groups_table(self._groups))
 
     def harbor(self, harbor: int) -> HarborRecord | None:
         return self._harbors.get(harbor)
 
     def lookup(self, name: str) -> int | None:
         return self._names.get(name)
+
+    def members(self, group: str) -> tuple[int, ...]:
+        return tuple(sorted(self._groups.get(group, ())))
 
     # --- IRegistry: what the master uses -------------------------------------------------
 
@@ -106,6 +120,14 @@ class InMemoryRegistry:
 
     def release_name(self, name: str, requester: int) -> Deferred[tuple[Event, ...]]:
         return self._told(self.unbind, name, requester)
+
+    def join_group(self, group: str, handle: int,
+                   requester: int) -> Deferred[tuple[Event, ...]]:
+        return self._told(self.add_member, group, handle, requester)
+
+    def leave_group(self, group: str, handle: int,
+                    requester: int) -> Deferred[tuple[Event, ...]]:
+        return self._told(self.remove_member, group, handle, requester)
 
     def _told(self, change: Callable[..., tuple[Event, ...]],
               *args: Any) -> Deferred[tuple[Event, ...]]:
@@ -147,7 +169,8 @@ class InMemoryRegistry:
         return Joined(harbor, tuple(refused), tuple(events))
 
     def leave(self, harbor: int, incarnation: int, reason: str) -> tuple[Event, ...]:
-        """Remove a dead harbor and every name on it (only if ``incarnation`` is the live one)."""
+        """Remove a dead harbor, every name and every group membership on it (only if
+        ``incarnation`` is the live one)."""
         record = self._harbors.get(harbor)
         if record is None or record.incarnation != incarnation:
             return ()
@@ -157,6 +180,10 @@ class InMemoryRegistry:
             if harbor_of(handle) == harbor:
                 del self._names[name]
                 events.append(NameUnbound(self._next(), name, handle))
+        for group in sorted(self._groups):
+            for handle in sorted(self._groups[group]):
+                if harbor_of(handle) == harbor:
+                    events.extend(self._remove(group, handle))
         return tuple(events)
 
     def bind(self, name: str, handle: int, requester: int) -> tuple[Event, ...]:
@@ -179,6 +206,33 @@ class InMemoryRegistry:
             raise RegistryRefusal(f"name {name} belongs to harbor {harbor_of(current)}")
         del self._names[name]
         return (NameUnbound(self._next(), name, current),)
+
+    def add_member(self, group: str, handle: int, requester: int) -> tuple[Event, ...]:
+        """Make a handle on the requester's own (live) harbor a member of ``group``; a
+        member joining again changes nothing."""
+        check_group(group, handle, requester)
+        if requester not in self._harbors:
+            raise RegistryRefusal(f"harbor {requester} is not joined")
+        members = self._groups.setdefault(group, set())
+        if handle in members:
+            return ()
+        members.add(handle)
+        return (GroupJoined(self._next(), group, handle),)
+
+    def remove_member(self, group: str, handle: int, requester: int) -> tuple[Event, ...]:
+        """Take a handle on the requester's own harbor out of ``group``; one that is not a
+        member changes nothing."""
+        check_group(group, handle, requester, joining=False)
+        return self._remove(group, handle)
+
+    def _remove(self, group: str, handle: int) -> tuple[Event, ...]:
+        members = self._groups.get(group)
+        if members is None or handle not in members:
+            return ()
+        members.discard(handle)
+        if not members:
+            del self._groups[group]
+        return (GroupLeft(self._next(), group, handle),)
 
     def _free_harbor(self) -> int:
         """The highest free id no fixed-id node has used; else the highest free one."""

@@ -6,8 +6,9 @@ closed. The handshake itself is the pure :class:`~skyproto.master.handshake.Mast
 A join may have to wait: ``--harbor auto`` during the start-up grace, and a restarted
 node (same node name, newer incarnation) until its previous incarnation's session drops.
 After a (re)start the master also holds back names nobody holds for the same grace, so
-that returning holders get theirs back first. When a joined connection ends, its harbor
-and its names leave the table at once.
+that returning holders get theirs back first. A join re-asserts the node's names, then its
+service group memberships. When a joined connection ends, its harbor, its names and its
+group memberships leave the table at once.
 
 The registry is any :class:`~skyproto.interfaces.IRegistry` (in memory, or etcd shared by
 several masters): its changes answer with Deferreds, and the changes it reports, whoever
@@ -25,13 +26,14 @@ from typing import Final, Protocol
 
 import attrs
 from automat import TypeMachineBuilder
-from twisted.internet.defer import Deferred, FirstError, gatherResults
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..address import harbor_of
 from ..auth import check_secret
 from ..errors import ProtocolError, QueueFull
 from ..interfaces import IMasterService, IRegistry, IRegistryListener
@@ -49,6 +51,8 @@ from .messages import (
     BindName,
     GetTable,
     Join,
+    JoinGroup,
+    LeaveGroup,
     LookupName,
     MasterHeartbeat,
     Refused,
@@ -68,7 +72,8 @@ from .records import (
 )
 
 _BEAT = MASTER_CODEC.encode(MasterHeartbeat())
-#: a Join carries the node's names: room for a few thousand before the proof is checked
+#: a Join carries the node's names and group memberships: room for a few thousand before
+#: the proof is checked
 JOIN_MAX_FRAME: Final = 256 * 1024
 #: a restarted node waits this long beyond its old session's heartbeat timeout
 TAKEOVER_MARGIN: Final = 1.0
@@ -280,6 +285,12 @@ def _build_session_machine() -> Callable[[_Session], _SessionInputs]:
             else:
                 service.answer(s, message.request,
                                lambda: service.registry.release_name(message.name, s.harbor))
+        elif isinstance(message, JoinGroup):
+            service.answer_join_group(s, message.request, message.group, message.handle)
+        elif isinstance(message, LeaveGroup):
+            group, handle, harbor = message.group, message.handle, s.harbor
+            service.answer(s, message.request,
+                           lambda: service.registry.leave_group(group, handle, harbor))
         elif isinstance(message, LookupName | GetTable):
             read(c, s, message)
         else:
@@ -556,9 +567,9 @@ class MasterService(Factory):
                     return
         # A store that needs I/O answers later; meanwhile this session waits for it (a
         # second admit, from a timer or a harbor leaving, changes nothing).
-        claim = self.registry.admit(join.harbor, join.node, join.endpoint, join.incarnation,
-                                    join.names, now)
-        self._deciding(c, s, join, claim)
+        claim: Deferred[Joined] = self.registry.admit(
+            join.harbor, join.node, join.endpoint, join.incarnation, join.names, now)
+        self._deciding(c, s, join, claim.addCallback(self._with_groups, join))
 
     def _deciding(self, c: _SessionInputs, s: _Session, join: Join,
                   claim: Deferred[Joined]) -> None:
@@ -645,7 +656,7 @@ class MasterService(Factory):
             return error.subFailure if isinstance(error, FirstError) else failure
 
         joined = gatherResults(claims, consumeErrors=True).addCallbacks(outcome, first)
-        self._deciding(c, s, join, joined)
+        self._deciding(c, s, join, joined.addCallback(self._with_groups, join))
 
     def _claim_at_join(self, name: str, handle: int,
                        harbor: int) -> Deferred[tuple[str, tuple[Event, ...] | None]]:
@@ -660,8 +671,60 @@ class MasterService(Factory):
         claim: Deferred[tuple[Event, ...]] = self.registry.claim_name(name, handle, harbor)
         return claim.addCallbacks(granted, refused)
 
+    def _with_groups(self, joined: Joined, join: Join) -> Deferred[Joined]:
+        """After a join's names, the group memberships it re-asserts: the Join states all
+        of the harbor's. One the registry refuses or cannot decide now is logged and left
+        out: the node, not finding it in its welcome's table, asks for it again. One the
+        registry has for the harbor but the Join does not (left while the node was away
+        from this session, or left over from a previous one) is removed."""
+        harbor = joined.harbor
+        memberships = sorted({(group, handle) for group, handles in join.groups.items()
+                              for handle in handles})
+        stale = sorted({(group, handle) for group, handles in
+                        self.registry.snapshot().groups.items() for handle in handles
+                        if harbor_of(handle) == harbor} - set(memberships))
+        if not memberships and not stale:
+            return succeed(joined)
+
+        def not_joined(failure: Failure, group: str, handle: int) -> tuple[Event, ...]:
+            error = failure.value
+            if isinstance(error, RegistryRefusal):
+                self.log.info("harbor {harbor}: membership of :{handle:08x} in group "
+                              "{group} refused: {why}", harbor=harbor, handle=handle,
+                              group=group, why=str(error))
+            elif isinstance(error, RegistryUnavailable):
+                self.log.warn("harbor {harbor}: membership of :{handle:08x} in group {group} "
+                              "not decided: {why}", harbor=harbor, handle=handle, group=group,
+                              why=str(error))
+            else:
+                self.log.failure("the registry failed on a group membership of harbor "
+                                 "{harbor}", failure, harbor=harbor)
+            return ()
+
+        def not_left(failure: Failure, group: str, handle: int) -> tuple[Event, ...]:
+            self.log.warn("harbor {harbor}: :{handle:08x} stays in group {group}: {why}",
+                          harbor=harbor, handle=handle, group=group,
+                          why=failure.getErrorMessage())
+            return ()
+
+        claims: list[Deferred[tuple[Event, ...]]] = []
+        for group, handle in memberships:
+            claim: Deferred[tuple[Event, ...]] = self.registry.join_group(group, handle, harbor)
+            claims.append(claim.addErrback(not_joined, group, handle))
+        for group, handle in stale:
+            self.log.info("harbor {harbor}: :{handle:08x} leaves group {group}: not in its "
+                          "join", harbor=harbor, handle=handle, group=group)
+            left: Deferred[tuple[Event, ...]] = self.registry.leave_group(group, handle, harbor)
+            claims.append(left.addErrback(not_left, group, handle))
+
+        def outcome(results: list[tuple[Event, ...]]) -> Joined:
+            events = sorted((e for events in results for e in events), key=lambda e: e.sequence)
+            return attrs.evolve(joined, events=(*joined.events, *events))
+
+        return gatherResults(claims).addCallback(outcome)
+
     def depart(self, harbor: int, incarnation: int, reason: str) -> None:
-        """A harbor's session ended: it and its names leave the registry."""
+        """A harbor's session ended: it, its names and its memberships leave the registry."""
         def failed(failure: Failure) -> None:
             if failure.check(RegistryUnavailable):
                 self.log.warn("cannot remove harbor {harbor} from the registry: {why}",
@@ -735,6 +798,14 @@ class MasterService(Factory):
             self.registry.release_name(name, harbor).addErrback(lambda _: None)
 
         self.answer(s, request, lambda: self.registry.claim_name(name, handle, harbor), undo)
+
+    def answer_join_group(self, s: _Session, request: int, group: str, handle: int) -> None:
+        harbor = s.harbor
+
+        def undo() -> None:
+            self.registry.leave_group(group, handle, harbor).addErrback(lambda _: None)
+
+        self.answer(s, request, lambda: self.registry.join_group(group, handle, harbor), undo)
 
     def answer(self, s: _Session, request: int,
                change: Callable[[], Deferred[tuple[Event, ...]]],

@@ -41,6 +41,7 @@ from ..errors import (
     HarborDown,
     NameConflict,
     NoSuchService,
+    QueueFull,
     RemoteError,
 )
 from ..harbor.link import HarborLinkFactory, LinkConfig
@@ -53,6 +54,7 @@ from ..wire.framing import DEFAULT_MAX_FRAME, DEFAULT_MAX_OUTBOUND
 from ..wire.pieces import DEFAULT_MAX_MESSAGE, DEFAULT_PIECE_SIZE
 from .cluster import ClusterMembership
 from .flow import FlowControl
+from .groups import GroupPicker
 from .monitors import Monitors
 from .resolver import NodeResolver
 from .router import Router
@@ -127,7 +129,8 @@ class Node:
         self.router = Router(reactor, self.config, self._deliver, self._harbor_lost,
                              self._undeliverable, self._expected_incarnation,
                              max_queue_bytes=max_queue_bytes, rng=self.rng, resolver=resolver,
-                             flow=self.flow, pending_to=self.sessions.pending_to)
+                             flow=self.flow, pending_to=self.sessions.pending_to,
+                             load=self.load)
         self.services: dict[int, IServiceBehaviour] = {}
         #: names this node bound itself: local (``.x``) ones, and global ones it holds
         self.names: dict[str, int] = {}
@@ -135,6 +138,11 @@ class Node:
         self.membership = ClusterMembership(self)
         #: who watches which service (:meth:`monitor`)
         self.monitors = Monitors(lambda: self.harbor, self._has_service, self._send_system)
+        #: the groups this node's services are in (group -> handles), re-asserted at joins
+        self.groups: dict[str, set[int]] = {}
+        self._picker = GroupPicker(self.rng)
+        #: requests whose handler has not answered yet (part of the load told to peers)
+        self._in_progress = 0
         self._next_local = NODE_LOCAL_ID + 1
         self._inbox: deque[tuple[None, int, int, int, int, Any]] = deque()
         self._draining = False
@@ -194,6 +202,8 @@ class Node:
             del self.names[name]
             if self.master is not None and not name.startswith("."):
                 self.master.unregister_name(name).addErrback(self._unregister_failed, name)
+        for group in [g for g, members in self.groups.items() if handle in members]:
+            self._forget_membership(group, handle)
         stopped = getattr(service, "stopped", None)
         if stopped is not None:
             stopped()
@@ -209,6 +219,134 @@ class Node:
     def demonitor(self, watching: Deferred[str]) -> bool:
         """Stop a monitor; False if it had already fired or been stopped."""
         return self.monitors.demonitor(watching)
+
+    # --- service groups ------------------------------------------------------------------
+
+    def join_group(self, group: str, service: Any) -> Deferred[None]:
+        """Put a local service (the object, its handle or a name it has) in ``group``, a
+        name for a set of services across the cluster, like Erlang's ``pg``. Through the
+        master like names: every node learns it, it is re-asserted at every join, and it
+        ends with the service or its harbor. Fires once the master has it."""
+        handle = self._local_service(service)
+        if not group or len(group.encode()) > 255 or any(c.isspace() for c in group):
+            return _failed(ConfigurationError(
+                f"a group name is 1 to 255 bytes with no spaces: {group!r}"))
+        self.groups.setdefault(group, set()).add(handle)
+        if self.master is None:
+            return succeed(None)
+        joined: Deferred[None] = self.master.join_group(group, handle)
+        return joined
+
+    def leave_group(self, group: str, service: Any) -> Deferred[None]:
+        """Take a local service out of ``group``."""
+        handle = self._local_service(service)
+        if handle not in self.groups.get(group, ()):
+            return succeed(None)
+        return self._forget_membership(group, handle)
+
+    def _forget_membership(self, group: str, handle: int) -> Deferred[None]:
+        members = self.groups.get(group, set())
+        members.discard(handle)
+        if not members:
+            self.groups.pop(group, None)
+        if self.master is None:
+            return succeed(None)
+        left: Deferred[None] = self.master.leave_group(group, handle)
+        return left.addErrback(self._leave_failed, group)
+
+    def _leave_failed(self, failure: Failure, group: str) -> None:
+        self.log.info("membership of group {group} stays at the master until its harbor "
+                      "leaves: {why}", group=group, why=failure.getErrorMessage())
+
+    def _local_service(self, service: Any) -> int:
+        handle = getattr(service, "handle", service)
+        handle = self.resolve(handle) if isinstance(handle, str) else handle
+        if not isinstance(handle, int) or not self._has_service(handle) or \
+                harbor_of(handle) != self.harbor:
+            raise NoSuchService(f"no local service {service!r} on harbor {self.harbor}")
+        return handle
+
+    def group_members(self, group: str) -> list[int]:
+        """The group's members as this node knows them now (the master's table, and this
+        node's own memberships), sorted."""
+        members = set(self.groups.get(group, ()))
+        if self.master is not None:
+            members |= set(self.master.groups.get(group, ()))
+        return sorted(members)
+
+    def _live_members(self, group: str, besides: int = 0) -> list[int]:
+        """Members whose harbor is not known to be down (all of them if none is)."""
+        members = [m for m in self.group_members(group) if m != besides]
+        up = [m for m in members if harbor_of(m) == self.harbor
+              or not self.router.is_down(harbor_of(m))]
+        return up or members
+
+    def load(self) -> int:
+        """Requests in progress and queued here: what heartbeats tell peers."""
+        return self._in_progress + len(self._inbox)
+
+    def _load_of(self, handle: int) -> float:
+        harbor = harbor_of(handle)
+        if harbor == self.harbor:
+            return float(self.load())
+        peer = self.router.peers.get(harbor)
+        reported = getattr(peer.link, "peer_load", 0) if peer is not None else 0
+        return float(reported + self.sessions.pending_to(harbor))
+
+    def call_group(self, group: str, payload: Any, pick: str = "round_robin",
+                   timeout: float | None = None, retry: bool = False,
+                   source: int | None = None) -> Deferred[Any]:
+        """Call one live member of ``group``, chosen by ``pick`` (``round_robin``,
+        ``random``, ``local_first``, ``least_loaded``; see :mod:`skyproto.node.groups`).
+        An empty group fails at once with NoSuchService. ``retry``: the call is idempotent,
+        so if the member's harbor goes down, or the call is refused before any reply
+        (QueueFull, NoSuchService), it is sent once more to another member."""
+        members = self._live_members(group)
+        if not members:
+            return _failed(NoSuchService(f"group {group!r} has no members"))
+        try:
+            target = self._picker.pick(group, members, pick, self.harbor, self._load_of)
+        except ConfigurationError as e:
+            return _failed(e)
+        started = self.reactor.seconds()
+        called = self.call(target, payload, timeout, source)
+        if not retry:
+            return called
+
+        def again(failure: Failure) -> Any:
+            if not failure.check(HarborDown, QueueFull, NoSuchService):
+                return failure
+            others = [m for m in self._live_members(group, besides=target)
+                      if harbor_of(m) != harbor_of(target)] or \
+                self._live_members(group, besides=target)
+            if not others:
+                return failure
+            budget = timeout if timeout is not None else self.sessions.default_timeout
+            left = None if budget is None else budget - (self.reactor.seconds() - started)
+            if left is not None and left <= 0:
+                return failure
+            second = self._picker.pick(group, others, pick, self.harbor, self._load_of)
+            self.log.debug("call to group {group} member {first} failed ({why}); "
+                           "retrying on {second}", group=group,
+                           first=format_handle(target), why=failure.getErrorMessage(),
+                           second=format_handle(second))
+            return self.call(second, payload, left, source)
+
+        return called.addErrback(again)
+
+    def send_group(self, group: str, payload: Any) -> int:
+        """One-way to every member of ``group``; how many it went to (a member whose
+        harbor is down is skipped, and logged)."""
+        sent = 0
+        for member in self.group_members(group):
+            try:
+                self.send(member, payload)
+            except (HarborDown, QueueFull, NoSuchService) as e:
+                self.log.info("group {group} message to {member} not sent: {why}",
+                              group=group, member=format_handle(member), why=str(e))
+            else:
+                sent += 1
+        return sent
 
     def _has_service(self, handle: int) -> bool:
         local = local_of(handle)
@@ -311,6 +449,7 @@ class Node:
             self.reactor, endpoint, self.config.secret, self.membership,
             JoinInfo(self.harbor, self.incarnation, node_name, harbor_endpoint),
             names_to_assert=held, request_timeout=request_timeout,
+            groups_to_assert=lambda: {g: sorted(h) for g, h in self.groups.items() if h},
             heartbeat_interval=self.config.heartbeat_interval,
             heartbeat_timeout=self.config.heartbeat_timeout, max_frame=self.config.max_frame,
             on_name_refused=self.membership.name_refused, rng=self.rng)
@@ -461,6 +600,8 @@ class Node:
         if inspect.iscoroutine(result):
             result = Deferred.fromCoroutine(result)
         if isinstance(result, Deferred):
+            self._in_progress += 1
+            result.addBoth(self._handler_finished)
             result.addCallbacks(
                 self._handler_done, self._handler_failed,
                 callbackArgs=(destination, source, session, link),
@@ -477,6 +618,10 @@ class Node:
             self._reply(destination, source, -session, _ERROR, error_payload(remote), link)
         elif session > 0:
             self.sessions.fail(session, remote, source >> 24)
+
+    def _handler_finished(self, result: Any) -> Any:
+        self._in_progress -= 1
+        return result
 
     def _handler_done(self, result: Any, me: int, caller: int, session: int,
                       link: IHarborLink | None) -> None:

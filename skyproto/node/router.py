@@ -1,13 +1,13 @@
 """The router: one harbor link per peer, chosen by the top 8 bits of a destination.
 
-Each peer's life is a :class:`~skyproto.node.peer.Peer` machine (dial, handshake, up,
+Each peer's life is a :class:`skyproto.node.peer.Peer` machine (dial, handshake, up,
 backoff, removed); the router feeds it events, dials for it, and decides which link a harbor
 keeps when two come up. Data goes both ways through here: out with :meth:`Router.send_frame`
 (frames encoded once, by the caller), in through :meth:`Router.data_received` to the node,
 with the link it arrived on, so a reply goes back on the link that asked.
 
 Flow control: when a link's outbound queue passes its mark, feeders are held (gate clients
-via :class:`~skyproto.node.flow.FlowControl`), and the link itself stops being read while
+via :class:`skyproto.node.flow.FlowControl`), and the link itself stops being read while
 nothing we wait for comes over it (it only brings requests whose replies pile up there).
 """
 
@@ -64,6 +64,7 @@ class Router:
         resolver: NodeResolver | None = None,
         flow: FlowControl | None = None,
         pending_to: PendingTo = lambda harbor: 0,
+        load: Callable[[], int] | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
@@ -80,6 +81,8 @@ class Router:
         #: turns ``name@host`` peers into endpoints through that host's mapper
         self.resolver = resolver
         self.flow = flow or FlowControl()
+        #: this node's load, for the heartbeats of its links
+        self.load = load
         self.pending_to = pending_to
         self.peers: dict[int, Peer] = {}
         self.stopping = False
@@ -149,6 +152,12 @@ class Router:
         """``idle``, ``dialing``, ``handshaking``, ``up``, ``backoff``, or ``unknown``."""
         peer = self.peers.get(harbor)
         return "unknown" if peer is None else peer.state
+
+    def is_down(self, harbor: int) -> bool:
+        """The link to ``harbor`` failed and has not come up again (backing off, or
+        redialing after a failure): calls there would fail or wait."""
+        peer = self.peers.get(harbor)
+        return peer is not None and peer.state != "up" and bool(peer.core.last_error)
 
     # --- sending -----------------------------------------------------------------------
 
@@ -286,7 +295,8 @@ class Router:
                      expect_incarnation: int | None = None) -> HarborLinkFactory:
         """A factory for this node's links; every link it builds is kept in ``links``."""
         return HarborLinkFactory(self.config, self, self.clock, dialer, expect_harbor,
-                                 registry=self.links, expect_incarnation=expect_incarnation)
+                                 registry=self.links, expect_incarnation=expect_incarnation,
+                                 load=self.load)
 
     def _dialed_by(self, link: IHarborLink) -> int:
         return self.config.harbor if getattr(link, "dialer", False) else link.peer_harbor

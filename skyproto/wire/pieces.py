@@ -34,7 +34,7 @@ from .codec import FrameKind
 PIECE: Final = int(FrameKind.PIECE)
 FIRST: Final = 1
 LAST: Final = 2
-DEFAULT_PIECE_SIZE: Final = 64 * 1024
+DEFAULT_PIECE_SIZE: Final = 128 * 1024
 DEFAULT_MAX_MESSAGE: Final = 64 * 1024 * 1024
 _HEAD: Final = struct.Struct(">BIB")
 _TOTAL: Final = struct.Struct(">I")
