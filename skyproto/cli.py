@@ -165,13 +165,34 @@ async def show_status(reactor: Any, endpoint: str, secret_file: str | None, as_j
     if as_json:
         print(json.dumps(status_object(table, client.store)))
         return
-    print(f"{'harbor':<7} {'node':<24} {'endpoint':<32} {'incarnation':<17} up since")
+    for line in status_lines(table):
+        print(line)
+
+
+def columns(rows: list[list[str]]) -> list[str]:
+    """Rows as lines of left-aligned columns, each as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [" ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            .rstrip() for row in rows]
+
+
+def status_lines(table: Any) -> list[str]:
+    """``skyproto status`` for people: the harbors, then the names, in aligned columns,
+    then the groups and their members."""
+    rows = [["harbor", "node", "endpoint", "incarnation", "up since"]]
     for r in table.harbors:
         since = datetime.fromtimestamp(r.up_since, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{r.harbor:<7} {r.node:<24} {r.endpoint:<32} {r.incarnation:<17} {since}")
-    print("names:" if table.names else "names: (none)")
-    for name, handle in sorted(table.names.items()):
-        print(f"  {name:<24} {format_handle(handle)}")
+        rows.append([str(r.harbor), r.node, r.endpoint, str(r.incarnation), since])
+    lines = columns(rows)
+    lines.append("names:" if table.names else "names: (none)")
+    names = [[name, format_handle(handle)] for name, handle in sorted(table.names.items())]
+    lines.extend(f"  {line}" for line in (columns(names) if names else []))
+    groups = getattr(table, "groups", {})
+    if groups:
+        lines.append("groups:")
+        lines.extend(f"  {group} " + " ".join(format_handle(h) for h in members)
+                     for group, members in sorted(groups.items()))
+    return lines
 
 
 async def show_names(reactor: Any, endpoint: str, timeout: float) -> None:
@@ -184,7 +205,10 @@ async def show_names(reactor: Any, endpoint: str, timeout: float) -> None:
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigurationError(f"bad mapper endpoint {endpoint!r}: {e}") from None
     reply = await MapperClient(reactor, client_endpoint, timeout=timeout).names_reply()
-    print(f"epmd: up and running on port {reply.epmd_port} with data:")
+    # epmd's own words for a TCP mapper; a unix: (or other) mapper has no port to show
+    where = f"port {reply.epmd_port}" if endpoint.split(":", 1)[0] in ("tcp", "tcp6") \
+        else endpoint
+    print(f"epmd: up and running on {where} with data:")
     for name, port in reply.nodes:
         print(f"name {name} at port {port}")
 

@@ -20,11 +20,12 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from . import __version__
 from .address import NodeName, check_harbor, format_handle
 from .auth import load_secret
 from .endpoints import (
@@ -43,6 +44,7 @@ from .interfaces import IRegistry
 from .logformat import DaemonService, JSONLinesObserver, log_file, log_format
 from .mapper.epmd import DEFAULT_PORT as EPMD_PORT
 from .mapper.server import MapperServerFactory, relaxed_from_environ
+from .master.client import MasterClient
 from .master.etcd_client import EtcdClient
 from .master.etcd_store import DEFAULT_LEASE_TTL, DEFAULT_PREFIX, EtcdRegistry
 from .master.registry import InMemoryRegistry
@@ -50,6 +52,7 @@ from .master.server import MasterService
 from .node.host_mapper import HostMapper
 from .node.node import Node
 from .node.resolver import NodeResolver
+from .node.service import Service as NodeServiceBase
 from .services import load_service_class
 from .web.address import http_endpoint, http_url
 from .web.site import Web, mapper_web, master_web, node_web
@@ -64,6 +67,22 @@ def exit_with(message: str, program: str) -> NoReturn:
     raise SystemExit(1)
 
 
+class _NamedCoerce(usage.CoerceParameter):
+    """A parameter's conversion whose error names the option and the value it was given
+    (usage's own says only "Parameter type enforcement failed")."""
+
+    def dispatch(self, name: str, value: str | None) -> None:
+        if value is None:
+            raise usage.UsageError(f"--{name} needs a value")
+        try:
+            converted = self.coerce(value)
+        except ValueError as e:
+            said = str(e)
+            raise usage.UsageError(said if said.startswith(f"--{name} ") else
+                                   f"--{name} {value}: {said}") from None
+        self.options.opts[name] = converted
+
+
 class OneLineOptions(usage.Options):
     """Options whose errors are one line on stderr (twistd would print the whole help)."""
 
@@ -74,6 +93,15 @@ class OneLineOptions(usage.Options):
         # An opt_ method's docstring is its help: one paragraph, however it is wrapped.
         self.docs = {name: " ".join(doc.split()) if isinstance(doc, str) else doc
                      for name, doc in self.docs.items()}
+        dispatch: dict[str, Any] = self._dispatch
+        for name, handler in dispatch.items():
+            if type(handler) is usage.CoerceParameter:
+                dispatch[name] = _NamedCoerce(self, handler.coerce)  # type: ignore[no-untyped-call]
+
+    def opt_version(self) -> NoReturn:
+        """Print skyproto's version and exit."""
+        print(f"skyproto {__version__}")
+        raise SystemExit(0)
 
     def parseOptions(self, options: Any = None) -> None:
         try:
@@ -274,6 +302,9 @@ class NodeOptions(DaemonOptions):
         ["heartbeat-timeout", None, 3.0, "Seconds of silence before a peer is down.",
          _positive_float],
         ["max-frame", None, DEFAULT_MAX_FRAME, "Largest frame in bytes.", _positive_int],
+        ["master-wait", None, None, "With --master: exit with status 1 if no master has "
+         "welcomed this node within this many seconds of start (default: keep trying).",
+         _positive_float],
     ]
 
     optFlags = [
@@ -288,6 +319,7 @@ class NodeOptions(DaemonOptions):
         self["services"] = []
         self["master"] = None
         self["masters"] = []
+        self["groups"] = []
 
     def opt_master(self, value: str) -> None:
         """Endpoint of the master, e.g. tcp:127.0.0.1:2013; repeatable: masters that share
@@ -307,8 +339,18 @@ class NodeOptions(DaemonOptions):
             raise usage.UsageError(f"--peer {value!r}: harbor must be 1..255") from None
 
     def opt_service(self, value: str) -> None:
-        """A built-in service (echo, relay) or package.module:Class (repeatable)."""
+        """A built-in service (echo, relay, simpledb) or package.module:Class, a subclass of
+        skyproto.node.service.Service (repeatable)."""
         self["services"].append(value)
+
+    def opt_join_group(self, value: str) -> None:
+        """Put every --service of this node in this service group (repeatable): callers
+        use node.call_group, and a gate whose --gate-service names the group spreads its
+        requests over the members."""
+        if not value or any(c.isspace() for c in value) or len(value.encode()) > 255:
+            raise usage.UsageError(f"--join-group takes a group name (no spaces), "
+                                   f"not {value!r}")
+        self["groups"].append(value)
 
     def postOptions(self) -> None:
         if self["standalone"]:
@@ -323,6 +365,8 @@ class NodeOptions(DaemonOptions):
                 self["services"].append("simpledb")
         elif self["master-listen"] is not None:
             raise usage.UsageError("--master-listen goes with --standalone")
+        if self["master-wait"] is not None and not self["masters"]:
+            raise usage.UsageError("--master-wait goes with --master")
         if self["gate-framing"] not in FRAMINGS:
             raise usage.UsageError(f"--gate-framing must be one of {', '.join(FRAMINGS)}")
         if self["harbor"] is None:
@@ -420,17 +464,94 @@ def already_in_use(result: IListeningPort | Failure) -> bool:
 
 
 def exit_after_shutdown(reactor: Any, message: str, program: str) -> None:
-    """A fatal condition found while running (e.g. the master refused us): one line on
-    stderr, stop the reactor, and exit 1 (twistd itself always exits 0)."""
-    print(f"{program}: error: {message}", file=sys.stderr, flush=True)
+    """A fatal condition found while running (e.g. the master refused us): one line on the
+    real stderr (once twistd logs, ``sys.stderr`` is its log), stop the reactor, and exit
+    1 (twistd itself always exits 0). Before the reactor runs, it stops once it does."""
+    real_stderr = sys.__stderr__ or sys.stderr
+    print(f"{program}: error: {message}", file=real_stderr, flush=True)
 
     def leave() -> None:
         sys.stdout.flush()
-        sys.stderr.flush()
+        real_stderr.flush()
         os._exit(1)
 
     reactor.addSystemEventTrigger("after", "shutdown", leave)
-    reactor.stop()
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)
+
+
+class MasterWait(Service):
+    """``--master-wait``: if no master has welcomed the node ``seconds`` after start,
+    ``give_up`` is called with one line saying so (and why the last attempt failed)."""
+
+    def __init__(self, clock: IReactorTime, client: Callable[[], MasterClient | None],
+                 seconds: float, give_up: Callable[[str], object]) -> None:
+        self.clock = clock
+        self.client = client
+        self.seconds = seconds
+        self.give_up = give_up
+        self._check: IDelayedCall | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._check = self.clock.callLater(self.seconds, self._expired)
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._check is not None and self._check.active():
+            self._check.cancel()
+        self._check = None
+
+    def _expired(self) -> None:
+        self._check = None
+        client = self.client()
+        if client is not None and client.welcomes:
+            return
+        last = client.last_failure if client is not None else None
+        if last is None and client is not None:
+            last = f"{client.endpoint_description}: still trying"
+        why = f" (last attempt: {last})" if last else ""
+        self.give_up(f"no master answered within {self.seconds:g} s{why}")
+
+
+def check_client_endpoint(reactor: Any, option: str, endpoint: str,
+                          given: str | None = None,
+                          forms: str = "tcp:HOST:PORT or unix:PATH") -> None:
+    """ConfigurationError naming ``option`` unless ``endpoint`` is a client endpoint
+    (``given``: the option's whole value, when the endpoint is only part of it)."""
+    try:
+        clientFromString(reactor, endpoint)
+    except (ValueError, KeyError, TypeError) as e:
+        what = f"{option} {given}: {endpoint!r} is" if given else f"{option} {endpoint!r} is"
+        raise ConfigurationError(
+            f"{what} not a client endpoint ({e}); write e.g. {forms}") from None
+
+
+def check_service_class(spec: str) -> type[NodeServiceBase]:
+    """The class ``--service spec`` names; ConfigurationError unless it is a service."""
+    try:
+        cls = load_service_class(spec)
+    except ConfigurationError as e:
+        raise ConfigurationError(f"--service: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, NodeServiceBase)):
+        raise ConfigurationError(
+            f"--service {spec}: {getattr(cls, '__qualname__', cls)!s} is not a skyproto "
+            "service (a subclass of skyproto.node.service.Service)")
+    return cls
+
+
+def check_gate_target(node: Node, target: str, known: Iterable[str]) -> None:
+    """Warn when the gate's ``--gate-service`` is neither a name this node knows nor a
+    service group: every gate request would fail (each one says which names exist)."""
+    names = sorted(set(known))
+    if target in names or node.group_members(target):
+        return
+    shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    log.warn("the gate's service {target} is not running: no node has that name or group, "
+             "so gate requests fail until one registers it ({names})", target=target,
+             names=f"names: {shown}" if names else "no names are known")
 
 
 class NodeService(Service):
@@ -513,11 +634,17 @@ def make_node_service(options: NodeOptions) -> IService:
         *(("--peer", endpoint) for _, endpoint in options["peers"])], program)
     top = MultiService()
     try:
+        for master in options["masters"]:
+            check_client_endpoint(reactor, "--master", master)
+        for harbor, endpoint in options["peers"]:
+            if not is_node_name(endpoint):
+                check_client_endpoint(reactor, "--peer", endpoint, f"{harbor}={endpoint}",
+                                      "tcp:HOST:PORT, unix:PATH or NAME@HOST")
         secret = load_secret(options["secret-file"])
         if options["standalone"]:
             master_port = start_master(reactor, secret, options["master-listen"], program,
                                        options["heartbeat-interval"],
-                                       options["heartbeat-timeout"])
+                                       options["heartbeat-timeout"], option="--master-listen")
             ListeningService(master_port).setServiceParent(top)  # type: ignore[no-untyped-call]
             options["master"] = describe_address(master_port, options["master-listen"])
             options["masters"] = [options["master"]]
@@ -537,12 +664,17 @@ def make_node_service(options: NodeOptions) -> IService:
                 raise ConfigurationError(f"--peer {harbor}=...: that is this node's own harbor")
         services = []
         for spec in options["services"]:
-            cls = load_service_class(spec)
+            cls = check_service_class(spec)
             try:
                 services.append(cls())
             except Exception as e:
-                raise ConfigurationError(f"cannot start service {spec!r}: {e}") from None
-        port = listen_now(node.listen(options["listen"]), options["listen"], program)
+                raise ConfigurationError(f"--service: cannot start service {spec!r}: "
+                                         f"{e}") from None
+        try:
+            listening = node.listen(options["listen"])
+        except ConfigurationError as e:
+            raise ConfigurationError(f"--listen: {e}") from None
+        port = listen_now(listening, options["listen"], program)
         mapper_listen = hosted_mapper_endpoint(options["mapper-listen"], mapper_listen,
                                                port_number, port)
         gate_port = None
@@ -551,8 +683,9 @@ def make_node_service(options: NodeOptions) -> IService:
                 target=options["gate-service"], framing=options["gate-framing"],
                 max_clients=options["gate-max-clients"],
                 max_request=options["gate-max-request"]))
-            gate_port = listen_now(listen_on(reactor, options["gate"], gate, program),
-                                   options["gate"], program)
+            gate_port = listen_now(
+                listen_on(reactor, options["gate"], gate, program, "--gate"), options["gate"],
+                program)
     except ConfigurationError as e:
         exit_with(str(e), program)
     address = options["advertise"] or advertised_address(
@@ -586,8 +719,14 @@ def make_node_service(options: NodeOptions) -> IService:
     def started(harbor: int) -> None:
         if not options["no-mapper"]:
             register_with_mapper(harbor)
+        def group_refused(failure: Failure, group: str) -> None:
+            log.error("cannot join group {group}: {why}", group=group,
+                      why=failure.getErrorMessage())
+
         for service in services:
-            node.spawn(service)
+            handle = node.spawn(service)
+            for group in options["groups"]:
+                node.join_group(group, handle).addErrback(group_refused, group)
         log.info(
             "skynode {node} is harbor {harbor}, incarnation {incarnation}, "
             "listening on {address}",
@@ -596,6 +735,18 @@ def make_node_service(options: NodeOptions) -> IService:
         )
         for name, handle in sorted(node.names.items()):
             log.info("name {name} is {handle}", name=name, handle=format_handle(handle))
+        if gate_port is not None and options["master"] is None:
+            check_gate_target(node, options["gate-service"], node.names)
+
+    def check_gate_after_welcome(client: MasterClient) -> None:
+        """With a master, the gate's service may live on any node: check once the first
+        welcome brought the table (a master that never answers is logged already)."""
+        def welcomed(_: object) -> None:
+            # after the welcome is applied everywhere, including the group memberships
+            reactor.callLater(0, lambda: check_gate_target(
+                node, options["gate-service"], [*node.names, *client.names]))
+
+        client.when_up(timeout=3600.0).addCallbacks(welcomed, lambda _: None)
 
     join = None
     if options["master"] is not None:
@@ -605,27 +756,27 @@ def make_node_service(options: NodeOptions) -> IService:
             # Refused for a real reason (id held by another node, secret, version): one
             # line on the real stderr (twistd's sys.stderr is its log), then exit 1.
             at = node.master.endpoint_description if node.master else masters[0]
-            message = f"the master at {at} refused this node: {reason}"
-            real_stderr = sys.__stderr__ or sys.stderr
-            print(f"{program}: error: {message}", file=real_stderr, flush=True)
-
-            def leave() -> None:
-                sys.stdout.flush()
-                os._exit(1)
-
-            reactor.addSystemEventTrigger("after", "shutdown", leave)
-            reactor.stop()
+            exit_after_shutdown(reactor, f"the master at {at} refused this node: {reason}",
+                                program)
 
         def join() -> None:
+            log.info("joining the master at {masters}", masters=", ".join(masters))
             try:
-                node.join_master(
+                client = node.join_master(
                     masters, str(options["node_name"]), address,
                     on_refused=refused, on_joined=None if node.harbor else started)
             except ConfigurationError as e:
                 exit_after_shutdown(reactor, str(e), program)
+                return
+            if gate_port is not None:
+                check_gate_after_welcome(client)
 
     node_service = NodeService(node, options["peers"], join)
     node_service.setServiceParent(top)  # type: ignore[no-untyped-call]
+    if options["master-wait"] is not None:
+        MasterWait(reactor, lambda: node.master, options["master-wait"],
+                   lambda message: exit_after_shutdown(reactor, message, program),
+                   ).setServiceParent(top)  # type: ignore[no-untyped-call]
     if node.harbor:
         started(node.harbor)
     if options["standalone"]:
@@ -641,23 +792,25 @@ def make_node_service(options: NodeOptions) -> IService:
         master=_factory_of(master_port, MasterService) if options["standalone"] else None))
 
 
-def listen_on(reactor: Any, endpoint: str, factory: Any,
-              program: str) -> Deferred[IListeningPort]:
+def listen_on(reactor: Any, endpoint: str, factory: Any, program: str,
+              option: str = "--listen") -> Deferred[IListeningPort]:
+    """Start listening on ``endpoint`` (given as ``option``); a bad endpoint is one line."""
     try:
         server = serverFromString(reactor, endpoint)
     except (ValueError, KeyError, TypeError) as e:
-        exit_with(f"bad listen endpoint {endpoint!r}: {e}", program)
+        exit_with(f"{option}: bad listen endpoint {endpoint!r}: {e}", program)
     listening: Deferred[IListeningPort] = server.listen(factory)
     return listening
 
 
 def start_master(reactor: Any, secret: bytes, endpoint: str, program: str,
                  heartbeat_interval: float, heartbeat_timeout: float,
-                 registry: IRegistry | None = None) -> IListeningPort:
+                 registry: IRegistry | None = None, option: str = "--listen") -> IListeningPort:
+    """A master listening on ``endpoint`` (given as ``option``), or one line and exit 1."""
     master = MasterService(registry or InMemoryRegistry(), reactor, secret,
                            heartbeat_interval=heartbeat_interval,
                            heartbeat_timeout=heartbeat_timeout)
-    port = listen_now(listen_on(reactor, endpoint, master, program), endpoint, program)
+    port = listen_now(listen_on(reactor, endpoint, master, program, option), endpoint, program)
     log.info("skymaster listening on {address}", address=describe_address(port, endpoint))
     return port
 
@@ -791,7 +944,8 @@ def finish_daemon(reactor: Any, options: DaemonOptions, program: str, service: I
         except ConfigurationError as e:
             exit_with(str(e), program)
         endpoint = options["http"]
-        port = listen_now(listen_on(reactor, endpoint, site.site, program), endpoint, program)
+        port = listen_now(listen_on(reactor, endpoint, site.site, program, "--http"), endpoint,
+                          program)
         address = describe_address(port)
         log.info("{what} on {url} ({address})",
                  what="cluster page, /metrics and /health" if site.has_page else

@@ -219,3 +219,14 @@ def test_a_group_without_a_master_is_local() -> None:
     d = node.call_group("local", "x")
     settle(clock)
     assert result_of(d) == "x"
+
+
+def test_status_lists_groups_and_their_members() -> None:
+    from skyproto.cli import status_lines
+    from skyproto.web.status import status_object
+
+    cluster = Cluster()
+    grouped(cluster, 1, 2)
+    table = cluster.master.registry.snapshot()
+    assert status_object(table)["groups"] == {"workers": [A1, B1]}
+    assert "  workers :01000002 :02000002" in status_lines(table)

@@ -115,3 +115,12 @@ def test_daemons_without_the_page_link_to_what_they_serve() -> None:
     assert cluster.master is not None
     _, _, page = get(node_web(node, cluster.clock, master=cluster.master, process=False), "/")
     assert "n1@testing" in page
+
+
+def test_the_page_lists_service_groups_escaped() -> None:
+    from skyproto.web.page import render_page
+
+    page = render_page({"harbors": [], "names": {}, "sequence": 1,
+                        "groups": {"<workers>": [0x01000002, 0x02000002]}})
+    assert "&lt;workers&gt;" in page and "<workers>" not in page
+    assert ":01000002 :02000002" in page and 'id="groups-empty" hidden' in page

@@ -79,6 +79,11 @@ _SCRIPT: Final = """
       var handle = status.names[name];
       return [[name, "mono"], [hex(handle), "mono"], [Math.floor(handle / 16777216), "num"]];
     }));
+    var groups = Object.keys(status.groups || {}).sort();
+    fill("groups", groups.map(function (group) {
+      return [[group, "mono"], [status.groups[group].map(hex).join(" "), "mono"],
+              [status.groups[group].length, "num"]];
+    }));
     document.getElementById("count-harbors").textContent = String(status.harbors.length);
     document.getElementById("count-names").textContent = String(names.length);
     document.getElementById("sequence").textContent = String(status.sequence);
@@ -131,8 +136,14 @@ def render_page(status: dict[str, Any], title: str = "skyproto cluster") -> str:
         "<tr>" + _cells([(name, "mono"), (format_handle(handle), "mono"),
                          (handle >> 24, "num")]) + "</tr>"
         for name, handle in sorted(status["names"].items()))
+    group_table = status.get("groups", {})
+    groups = "".join(
+        "<tr>" + _cells([(group, "mono"), (" ".join(format_handle(h) for h in members), "mono"),
+                         (len(members), "num")]) + "</tr>"
+        for group, members in sorted(group_table.items()))
     no_harbors = "" if status["harbors"] else " hidden"
     no_names = "" if status["names"] else " hidden"
+    no_groups = "" if group_table else " hidden"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -160,6 +171,12 @@ def render_page(status: dict[str, Any], title: str = "skyproto cluster") -> str:
 <tbody>{names}</tbody>
 </table>
 <p class="empty" id="names-empty"{"" if no_names else " hidden"}>No global names.</p>
+<h2>Service groups</h2>
+<table id="groups"{no_groups}>
+<thead><tr><th>group</th><th>members</th><th>count</th></tr></thead>
+<tbody>{groups}</tbody>
+</table>
+<p class="empty" id="groups-empty"{"" if no_groups else " hidden"}>No service groups.</p>
 <script>{_SCRIPT}</script>
 </body>
 </html>
