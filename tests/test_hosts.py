@@ -496,3 +496,83 @@ def test_a_heal_just_after_a_dropped_connect_attempt_is_served_within_2_s(hosts)
           f"{healed - cut:.2f} s after it; back after {recover} s")
     assert len(recover) == 2, (recover, net.logs())
     assert max(recover.values()) <= HEAL_LIMIT, recover
+
+
+SLOW_CALLER = r'''
+import json, sys, time
+from twisted.internet import task
+from twisted.internet.defer import DeferredSemaphore, gatherResults
+from twisted.logger import globalLogPublisher, formatEvent
+from skyproto.auth import load_secret
+from skyproto.node.node import Node
+
+silent = []
+globalLogPublisher.addObserver(
+    lambda e: silent.append(formatEvent(e)) if "silent for" in formatEvent(e) else None)
+
+
+async def main(reactor):
+    address, calls, big = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    node = Node(7, reactor, load_secret(), default_timeout=120)
+    await node.listen(f"tcp:0:interface={address}")
+    node.join_master("tcp:hosta:2013", "slow@hostb")
+    started = time.monotonic()
+    while "ECHO_A" not in node.membership.names:
+        if time.monotonic() - started > 20:
+            raise SystemExit("no ECHO_A within 20 s")
+        await task.deferLater(reactor, 0.05, lambda: None)
+    gate = DeferredSemaphore(20)
+    outcomes = []
+
+    async def one(i):
+        try:
+            outcomes.append((await node.call("ECHO_A", i, timeout=60)) == i)
+        except Exception as e:
+            outcomes.append(repr(e))
+
+    began = time.monotonic()
+    await gatherResults([gate.run(lambda i=i: task.Deferred.fromCoroutine(one(i)))
+                         for i in range(calls)])
+    small = time.monotonic() - began
+    payload = b"b" * big
+    began = time.monotonic()
+    echoed = await node.call("ECHO_A", payload, timeout=120)
+    large = time.monotonic() - began
+    bad = [o for o in outcomes if o is not True]
+    print(json.dumps({"ok": len(outcomes) - len(bad), "bad": bad[:3], "small_s": small,
+                      "large_ok": echoed == payload, "large_s": large, "silent": silent}))
+    await node.stop()
+
+
+task.react(main)
+'''
+
+
+@pytest.mark.parametrize("link,calls,big", [
+    ("50 ms each way, 1 % loss", 1000, 8 << 20),
+    ("20 Mbit/s", 1000, 8 << 20),
+])
+def test_slow_and_lossy_links_lose_no_call_and_declare_no_link_silent(
+        hosts: Callable[..., Network], link: str, calls: int, big: int) -> None:
+    reason = shim_support()
+    if reason is not None:
+        pytest.skip(reason)
+    net: Network = hosts(2, shim=["hostb"])
+    a, b = net.hosts
+    master = start_master(a)
+    a1 = start_node(a, 1, "a1", echo="ECHO_A")
+    joined(a1)
+    if "loss" in link:
+        b.set_link(delay=0.05, loss=0.01)
+    else:
+        b.shape("20mbit", burst="128kb", latency="400ms")
+    done = b.python(SLOW_CALLER, b.address, str(calls), str(big), timeout=240)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    stats = b.link_stats() if "loss" in link else None
+    print(f"\n{link}: {result['ok']} of {calls} small calls answered in "
+          f"{result['small_s']:.1f} s; a {big >> 20} MiB echo in {result['large_s']:.1f} s"
+          + (f"; shim forwarded {stats[0]} frames, dropped {stats[1]}" if stats else ""))
+    assert result["ok"] == calls, result["bad"]
+    assert result["large_ok"], result
+    assert result["silent"] == [], result["silent"]  # no link was declared silent
+    assert "silent for" not in a1.output() and "silent for" not in master.output()
