@@ -576,3 +576,40 @@ def test_slow_and_lossy_links_lose_no_call_and_declare_no_link_silent(
     assert result["large_ok"], result
     assert result["silent"] == [], result["silent"]  # no link was declared silent
     assert "silent for" not in a1.output() and "silent for" not in master.output()
+
+
+def test_the_node_hosting_a_hosts_mapper_dies_and_another_takes_it_over(
+        hosts: Callable[..., Network]) -> None:
+    """b1 started first on hostb, so it runs hostb's mapper; kill -9 it: b2 (also on hostb)
+    takes the mapper over and re-registers; other hosts find b2 by name there again, and a
+    caller on hosta never stops reaching b2."""
+    net: Network = hosts(2)
+    a, b = net.hosts
+    start_master(a)
+    b1 = start_node(b, 2, "b1", echo="ECHO_B1")
+    wait_line(b1, r"started the mapper on")
+    b2 = start_node(b, 3, "b2", echo="ECHO_B2")
+    wait_line(b2, r"registered b2 with the mapper")
+    caller = start_node(a, 1, "a1", probe="ECHO_B2")
+    for node in (b1, b2, caller):
+        joined(node)
+    wait_until(lambda: current(caller, "ECHO_B2") == "ok", "a1 calling ECHO_B2", WAIT)
+    names = a.skyproto("names", "--mapper", "tcp:hostb:4369", check=True).stdout
+    assert "name b1 at port" in names and "name b2 at port" in names, names
+
+    b1.kill()
+    killed = time.time()
+
+    def taken_over() -> bool:
+        listed = a.skyproto("names", "--mapper", "tcp:hostb:4369", timeout=10)
+        return listed.returncode == 0 and "name b2 at port" in listed.stdout \
+            and "name b1 at port" not in listed.stdout
+
+    wait_until(taken_over, "b2 to run hostb's mapper with its own registration", WAIT)
+    took = time.time() - killed
+    assert b2.search(r"started the mapper on"), b2.output()[-2000:]
+    failed = [p for p in probes(caller) if p["target"] == "ECHO_B2" and p["outcome"] != "ok"]
+    print(f"\nmapper host killed: b2 ran hostb's mapper and was listed there again "
+          f"{took:.2f} s later; a1's calls to ECHO_B2 failed {len(failed)} times")
+    assert not failed, failed
+    assert current(caller, "ECHO_B2") == "ok"
