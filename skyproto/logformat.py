@@ -1,11 +1,11 @@
 """``--log-format``: twistd's text lines (the default) or one JSON object per line.
 
-A JSON line is twisted.logger's own serialisation of the event (:func:`eventAsJSON`):
+A JSON line is twisted.logger's own serialisation of the event (``eventAsJSON``):
 every structured field the code logged (``harbor``, ``endpoint``, ``reason``, ...) plus
 twisted.logger's ``log_namespace``, ``log_level`` (``{"name": "info", ...}``),
 ``log_time``, ``log_format``, and ``log_text``, the message with its fields filled in (a
 failure's traceback appended; ``log_logger`` is left out).
-:func:`twisted.logger.eventsFromJSONLogFile` reads it back.
+``twisted.logger.eventsFromJSONLogFile`` reads it back.
 
 twistd chooses its log observer after the daemon's service is made: it takes the
 ``ILogObserver`` component of its application if one is set (the way a ``.tac`` file

@@ -40,9 +40,10 @@ async def test_a_gate_spreads_over_a_group_and_survives_a_killed_member(daemons)
     master_at = (await wait_for_line(master, r"skymaster listening on (\S+)")).group(1)
 
     def node(harbor: int, *args: str) -> Daemon:
-        return daemons("skynode", "--harbor", str(harbor), "--name", f"n{harbor}",
+        started: Daemon = daemons("skynode", "--harbor", str(harbor), "--name", f"n{harbor}",
                        "--master", master_at, "--secret-file", secret, "--no-mapper",
                        *args, name=f"n{harbor}")
+        return started
 
     workers = {h: node(h, "--service", "whoami:WhoAmI", "--join-group", "workers")
                for h in (1, 2, 3)}

@@ -1,8 +1,9 @@
 """HarborLink: one authenticated connection between two nodes (a thin adapter).
 
-The handshake logic is in :mod:`.handshake`, the bytes in :mod:`..wire.codec`; this class
-moves frames between the transport and them, keeps the heartbeat, and tells its
-:class:`~skyproto.interfaces.IMessageSink` when the link comes up, carries data, or goes down.
+The handshake logic is in :mod:`skyproto.harbor.handshake`, the bytes in
+:mod:`skyproto.wire.codec`; this class moves frames between the transport and them, keeps
+the heartbeat, and tells its :class:`skyproto.interfaces.IMessageSink` when the link comes
+up, carries data, or goes down.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """An EPMD client: register a node, look one up, list names (ours or a genuine epmd).
 
-:class:`MapperClient` implements :class:`~skyproto.interfaces.IMapperClient` over any
+:class:`MapperClient` implements :class:`skyproto.interfaces.IMapperClient` over any
 client endpoint (``tcp:127.0.0.1:4369``, ``unix:...``, ``loopback:...``). Each request
 opens its own connection, as EPMD requires. A registration keeps its connection open:
 the returned :class:`MapperRegistration` unregisters by closing it and tells you when
@@ -249,8 +249,8 @@ class MapperClient:
     """Talks EPMD to the mapper at ``endpoint`` (ours or a genuine epmd).
 
     ``reactor`` provides the timeouts (every request errbacks with
-    :class:`twisted.internet.defer.TimeoutError` after ``timeout`` seconds). Malformed
-    replies errback with :class:`~skyproto.errors.ProtocolError`; connection failures
+    ``twisted.internet.defer.TimeoutError`` after ``timeout`` seconds). Malformed
+    replies errback with :class:`skyproto.errors.ProtocolError`; connection failures
     errback with the endpoint's own error.
     """
 

@@ -5,7 +5,7 @@ genuine Erlang nodes, the ``epmd`` command line client and skyproto can talk to 
 other. There is no I/O and no reactor here: :class:`RequestReader` turns the bytes of
 one server-side connection into one request, and the ``decode_*`` functions turn a
 client's received bytes into a reply. Decoders raise only :class:`EpmdError` (a
-:class:`~skyproto.errors.ProtocolError`); its subclass :class:`Alive2RefusedError` carries
+:class:`skyproto.errors.ProtocolError`); its subclass :class:`Alive2RefusedError` carries
 the error reply a server must send before keeping the connection open.
 """
 

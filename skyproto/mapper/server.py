@@ -1,7 +1,7 @@
 """The mapper daemon's Twisted side: thin adapters between sockets, the codec and the table.
 
 One :class:`MapperServerFactory` serves any number of listening ports (IPv4, IPv6, UNIX,
-loopback) over one :class:`~skyproto.mapper.table.MapperTable`. Each connection carries
+loopback) over one :class:`skyproto.mapper.table.MapperTable`. Each connection carries
 exactly one EPMD request (EPMD.md section 1). An ALIVE2_REQ keeps its connection open and
 the registration lives exactly as long as it; every other request is answered and
 closed. Malformed input closes only that connection. The mapper is unauthenticated by

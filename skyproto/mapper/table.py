@@ -1,6 +1,6 @@
 """The mapper's name table: node name -> registration, with epmd's creation rules. Pure state.
 
-:class:`MapperTable` implements :class:`~skyproto.interfaces.IPortMapper`. It knows
+:class:`MapperTable` implements :class:`skyproto.interfaces.IPortMapper`. It knows
 nothing of sockets: the server calls :meth:`MapperTable.register` when an ALIVE2_REQ
 arrives and :meth:`MapperTable.unregister` when that connection ends. Creation numbers
 follow EPMD.md section 2 exactly, so a node that registers again always gets a new one,

@@ -41,7 +41,7 @@ it is started again elsewhere.
 A write that times out (a leader election) is retried: each is a compare-and-set whose
 failure branch reads the key back, and a key found on the lease this very attempt used is
 our own earlier success. A master that cannot reach etcd answers claims with
-:class:`~skyproto.master.records.RegistryUnavailable` (after ``write_timeout``) rather
+:class:`skyproto.master.records.RegistryUnavailable` (after ``write_timeout``) rather
 than grant what it cannot store.
 """
 

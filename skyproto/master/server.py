@@ -2,7 +2,7 @@
 
 Each connection is a :class:`MasterConnection` (a thin adapter: frames in, frames out) and
 a session state machine (automat): handshaking, waiting, joined, observing, closing,
-closed. The handshake itself is the pure :class:`~skyproto.master.handshake.MasterHandshake`.
+closed. The handshake itself is the pure :class:`skyproto.master.handshake.MasterHandshake`.
 A join may have to wait: ``--harbor auto`` during the start-up grace, and a restarted
 node (same node name, newer incarnation) until its previous incarnation's session drops.
 After a (re)start the master also holds back names nobody holds for the same grace, so
@@ -10,7 +10,7 @@ that returning holders get theirs back first. A join re-asserts the node's names
 service group memberships. When a joined connection ends, its harbor, its names and its
 group memberships leave the table at once.
 
-The registry is any :class:`~skyproto.interfaces.IRegistry` (in memory, or etcd shared by
+The registry is any :class:`skyproto.interfaces.IRegistry` (in memory, or etcd shared by
 several masters): its changes answer with Deferreds, and the changes it reports, whoever
 made them, are what the master pushes to its nodes.
 
@@ -489,7 +489,7 @@ class _HeldBind:
 class MasterService(Factory):
     """The master: one registry, every node session, and the push of every change.
 
-    It depends on nothing of the registry but :class:`~skyproto.interfaces.IRegistry`:
+    It depends on nothing of the registry but :class:`skyproto.interfaces.IRegistry`:
     changes are asked for and answered with Deferreds (a session may end while its claim
     is in flight: what was granted after it left is released), and every change, made
     here or by another master sharing the store, is pushed from the subscription."""

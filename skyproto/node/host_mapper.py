@@ -29,7 +29,7 @@ is defined in every state (those that do not apply are ignored, releasing what t
 carry). The reactor and the randomness are injected.
 
 What a node registers: ALIVE2 ``PortNo`` is the TCP port of a plain ``tcp:`` harbor
-endpoint (:func:`~skyproto.endpoints.harbor_tcp_port`), else 0; ``Extra`` is the CBOR map
+endpoint (:func:`skyproto.endpoints.harbor_tcp_port`), else 0; ``Extra`` is the CBOR map
 of :mod:`skyproto.mapper.extra`, with the endpoint when it is not a plain TCP port.
 """
 
@@ -53,6 +53,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger, LogLevel
+from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 
 from ..address import check_harbor
@@ -327,7 +328,10 @@ class _Core:
         self.abandon()
         attempt = self.attempt = _Attempt("listen")
         factory = _HostedMapperFactory(self.reactor, self.mapper_port, self.relaxed)
-        listening: Deferred[IListeningPort] = self.server_endpoint.listen(factory)
+        # This runs inside a failed connect's callbacks, whose log context would make
+        # Twisted's "... starting on PORT" line say [Uninitialized]: give it the default.
+        listening: Deferred[IListeningPort] = legacy_log.callWithContext(  # type: ignore[no-untyped-call]
+            {"system": "-"}, self.server_endpoint.listen, factory)
         attempt.deferred = listening
         listening.addCallbacks(
             lambda port: self._guard(machine, self._listen_done, machine, attempt,
@@ -752,8 +756,8 @@ class HostMapper:
     ``mapper_port`` is the number the hosted mapper reports in NAMES (Erlang insists it is
     its own epmd port; 0 means "the port listened on"). ``name`` is the node's short name
     (no ``@host``), ``harbor_endpoint`` where its harbor link listens (see
-    :func:`~skyproto.endpoints.harbor_tcp_port` and
-    :func:`~skyproto.endpoints.client_endpoint_for`), ``harbor`` its harbor id, ``rng``
+    :func:`skyproto.endpoints.harbor_tcp_port` and
+    :func:`skyproto.endpoints.client_endpoint_for`), ``harbor`` its harbor id, ``rng``
     the source of jitter. ``client`` and ``server_endpoint`` replace the ones built from
     the two endpoint strings (tests give fakes). For a ``unix:`` mapper use ``lockfile=1``
     in ``listen_endpoint`` so a stale socket file left by a dead host is replaced rather

@@ -6,7 +6,7 @@ endpoint string to dial. Answers are cached (so traffic keeps flowing while a ma
 being taken over) until :meth:`NodeResolver.invalidate`, which the router calls when a
 dial to a resolved endpoint fails. It needs no registration of its own (a console tool
 resolves too) and is not tied to one mapper, so it is kept apart from
-:class:`~skyproto.node.host_mapper.HostMapper`. The reactor is injected.
+:class:`skyproto.node.host_mapper.HostMapper`. The reactor is injected.
 """
 
 from __future__ import annotations

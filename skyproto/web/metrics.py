@@ -1,9 +1,9 @@
 """Prometheus collectors that read the daemons' live objects when ``/metrics`` is scraped.
 
 Nothing here is on a hot path: each collector reads counters and state the objects keep
-anyway (the node's :class:`~skyproto.node.stats.CallStats`, its router's peers, the gate's,
+anyway (the node's :class:`skyproto.node.stats.CallStats`, its router's peers, the gate's,
 the master's and the mapper's counters) and turns them into metric families. Every
-daemon has a :class:`~prometheus_client.CollectorRegistry` of its own
+daemon has a ``prometheus_client.CollectorRegistry`` of its own
 (:func:`daemon_registry`), so several daemons in one process never collide.
 
 Metric names (all ``skyproto_``; see docs/operations.md for what each means):

@@ -5,11 +5,12 @@ raises :class:`FrameTooLarge` at the sender, before anything is written; receivi
 drops that connection with a logged reason. A frame handler that raises
 :class:`ProtocolError` also drops only its own connection.
 
-Once a handshake has derived keys (:mod:`.seal`), :meth:`FrameProtocol.seal_outbound` and
-:meth:`FrameProtocol.open_inbound` switch each direction to sealed records: every write
-(a frame, or the frames written together) becomes one record, and every record received
-must open, in order, or the connection is dropped. Frames are parsed here rather than by
-Twisted's IntNStringReceiver because the switch can fall in the middle of a read.
+Once a handshake has derived keys (:mod:`skyproto.wire.seal`),
+:meth:`FrameProtocol.seal_outbound` and :meth:`FrameProtocol.open_inbound` switch each
+direction to sealed records: every write (a frame, or the frames written together) becomes
+one record, and every record received must open, in order, or the connection is dropped.
+Frames are parsed here rather than by Twisted's IntNStringReceiver because the switch can
+fall in the middle of a read.
 
 Outbound bytes go straight to the transport while it accepts them. Once the transport says
 its buffer is full (it pauses us, as a producer), frames wait in this protocol's own queue,

@@ -3,10 +3,10 @@
 A data frame longer than the piece size is sent as PIECE frames, each carrying up to a
 piece of its body (the bytes a whole DATA frame would carry after its length prefix):
 
-```
-PIECE:  0x03 | stream (4) | flags (1) | [total (4), first piece only] | bytes
-flags:  1 FIRST (this piece starts the stream; ``total`` follows), 2 LAST
-```
+::
+
+    PIECE:  0x03 | stream (4) | flags (1) | [total (4), first piece only] | bytes
+    flags:  1 FIRST (this piece starts the stream; ``total`` follows), 2 LAST
 
 The sender (:class:`PieceScheduler`) keeps one lane per (source, destination) pair that has
 a large message in flight: later messages of that pair wait behind it, so each pair's
@@ -18,7 +18,7 @@ setting on both ends (``max_message``).
 
 The receiver (:class:`PieceAssembler`) joins the pieces of each stream and hands the whole
 body on when the last arrives. A piece out of place, a stream over the limit or a total
-that does not add up is a :class:`~skyproto.errors.ProtocolError`: the link is dropped.
+that does not add up is a :class:`skyproto.errors.ProtocolError`: the link is dropped.
 """
 
 from __future__ import annotations
