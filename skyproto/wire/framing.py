@@ -352,7 +352,8 @@ class FrameProtocol(Protocol):
             return
         unregister = getattr(transport, "unregisterProducer", None)
         if unregister is not None:
-            unregister()
+            with contextlib.suppress(RuntimeError):  # none registered (any more)
+                unregister()
         transport.loseConnection()
 
     def drop(self, reason: str, quiet: bool = False) -> None:
