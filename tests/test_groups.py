@@ -162,6 +162,31 @@ def test_retry_sends_once_more_to_another_member_when_the_harbor_goes_down() -> 
     assert result_of(retried) == "again"  # sent once more, to harbor 2's member
 
 
+def test_a_member_whose_harbor_just_left_is_not_picked_before_its_group_change() -> None:
+    """The master's HarborLeft comes before the GroupLeft events of that harbor's members:
+    in between (the callers of the failed calls run in between), the router has forgotten
+    the harbor, so the member must count as down, not as a live member with no load."""
+    cluster = Cluster()
+    a, b = cluster.node(1), cluster.node(2)
+    a.join_group("workers", a.spawn(Parked()))
+    b.join_group("workers", b.spawn(Echo()))
+    elsewhere = b.spawn(Parked())  # not in the group: gives harbor 2 a load of 1
+    caller = cluster.node(3)
+    cluster.settle()
+    caller.call(elsewhere, "wait", timeout=30)
+    first = caller.call_group("workers", "first", pick="least_loaded", timeout=30)
+    cluster.settle()
+    assert not first.called and caller.sessions.pending_to(1) == 1  # harbor 1 took it
+    again: list[Any] = []
+    first.addErrback(lambda failure: again.append(
+        caller.call_group("workers", "second", pick="least_loaded", timeout=30)))
+    # what the HarborLeft of harbor 1 does on the caller, its GroupLeft still to come
+    caller.router.remove_peer(1, "harbor 1 silent for 3.0 s")
+    assert caller.group_members("workers") == [A1, B1]
+    cluster.settle()
+    assert result_of(again[0]) == "second"  # harbor 2's member, not a HarborDown at once
+
+
 def test_send_group_reaches_every_member() -> None:
     cluster = Cluster()
     seen: list[tuple[int, Any]] = []

@@ -275,10 +275,14 @@ class Node:
         return sorted(members)
 
     def _live_members(self, group: str, besides: int = 0) -> list[int]:
-        """Members whose harbor is not known to be down (all of them if none is)."""
+        """Members whose harbor is not known to be down (all of them if none is). A harbor
+        the router does not know counts as down: the master's HarborLeft comes before the
+        GroupLeft events of its members, and whoever reacts to the calls it failed calls
+        in between."""
         members = [m for m in self.group_members(group) if m != besides]
+        peers = self.router.peers
         up = [m for m in members if harbor_of(m) == self.harbor
-              or not self.router.is_down(harbor_of(m))]
+              or (harbor_of(m) in peers and not self.router.is_down(harbor_of(m)))]
         return up or members
 
     def load(self) -> int:
