@@ -921,20 +921,30 @@ class EtcdRegistry:
         await self._until(lambda: self.sequence >= revision, f"name {name}")
         return tuple(self._since(key, revision))
 
+    async def _put_on_lease(self, key: bytes, value: bytes, lease: int,
+                            compare: list[Any], deadline: float) -> int | KeyValue | None:
+        """One guarded put of ``key`` on ``lease``: its revision if it went through, or if
+        an earlier attempt of ours did (the key is on our lease: a retried write); else
+        the key as it is now (None: it is gone, so try again)."""
+        result = await self._etcd(self.client.txn(
+            compare, [put(key, value, lease)], [get(key)], timeout=self._left(deadline)))
+        if result.succeeded:
+            return int(result.revision)
+        found = result.ranges()[0]
+        if not found:
+            return None
+        if found[0].lease == lease:
+            return int(found[0].mod_revision)
+        return found[0]
+
     async def _write_name(self, name: str, handle: int, requester: int, key: bytes,
                           value: bytes, lease: int, deadline: float) -> int:
         while True:
-            result = await self._etcd(self.client.txn(
-                [absent(key)], [put(key, value, lease)], [get(key)],
-                timeout=self._left(deadline)))
-            if result.succeeded:
-                return result.revision
-            found = result.ranges()[0]
-            if not found:
+            kv = await self._put_on_lease(key, value, lease, [absent(key)], deadline)
+            if kv is None:
                 continue
-            kv = found[0]
-            if kv.lease == lease:
-                return kv.mod_revision
+            if isinstance(kv, int):
+                return kv
             held_by, claim = self._decode_name(kv.value)
             owner = harbor_of(held_by)
             if held_by == handle:
@@ -948,14 +958,10 @@ class EtcdRegistry:
                     raise RegistryRefusal(taken_message(name, held_by))
                 compare = [modified_at(key, kv.mod_revision),
                            created_at(owner_key, claim, equal=False)]
-            result = await self._etcd(self.client.txn(
-                compare, [put(key, value, lease)], [get(key)], timeout=self._left(deadline)))
-            if result.succeeded:
-                return result.revision
-            found = result.ranges()[0]
-            if found and found[0].lease == lease:
-                return found[0].mod_revision
-            if held_by != handle and found and found[0].mod_revision == kv.mod_revision:
+            now = await self._put_on_lease(key, value, lease, compare, deadline)
+            if isinstance(now, int):
+                return now
+            if held_by != handle and now is not None and now.mod_revision == kv.mod_revision:
                 raise RegistryRefusal(taken_message(name, held_by))  # its harbor is live
 
     async def _release_name(self, name: str, requester: int) -> tuple[Event, ...]:
@@ -1040,25 +1046,15 @@ class EtcdRegistry:
         session that put it (a previous one of this harbor, or one through another master:
         a membership has no other owner than its handle's harbor)."""
         while True:
-            result = await self._etcd(self.client.txn(
-                [absent(key)], [put(key, value, lease)], [get(key)],
-                timeout=self._left(deadline)))
-            if result.succeeded:
-                return result.revision
-            found = result.ranges()[0]
-            if not found:
+            kv = await self._put_on_lease(key, value, lease, [absent(key)], deadline)
+            if kv is None:
                 continue
-            kv = found[0]
-            if kv.lease == lease:
-                return kv.mod_revision  # our own earlier attempt got through
-            result = await self._etcd(self.client.txn(
-                [modified_at(key, kv.mod_revision)], [put(key, value, lease)], [get(key)],
-                timeout=self._left(deadline)))
-            if result.succeeded:
-                return result.revision
-            found = result.ranges()[0]
-            if found and found[0].lease == lease:
-                return found[0].mod_revision
+            if isinstance(kv, int):
+                return kv
+            now = await self._put_on_lease(key, value, lease,
+                                           [modified_at(key, kv.mod_revision)], deadline)
+            if isinstance(now, int):
+                return now
             # changed meanwhile: look again
 
     async def _leave_group(self, group: str, handle: int, requester: int) -> tuple[Event, ...]:
