@@ -1,11 +1,13 @@
 """PORT_PLEASE2 lookups per second: skyproto's mapper against a genuine ``epmd``.
 
-Run: ``python benchmarks/mapper.py [--json] [--clients N] [--duration S]``. Both mappers
-run as separate processes on ephemeral ports on 127.0.0.1 (ours on the real reactor,
-epmd as ``epmd -port P`` in the foreground) with the same registered names, and the
-same raw-socket client processes hammer each in turn: connect, send PORT_PLEASE2_REQ,
-read until the mapper closes. Rounds alternate between the two; the median round counts.
-With ``--json`` the last line is ``{"skymapper": ..., "epmd": ..., "ratio": ...}``.
+Run: ``python benchmarks/mapper.py [--json] [--clients N] [--duration S] [--plain-port]``.
+Both mappers run as separate processes on ephemeral ports on 127.0.0.1 (ours on the real
+reactor, listening through ``mapper_server_endpoint`` as a ``MapperPort``, or with
+``--plain-port`` on Twisted's own ``tcp.Port``; epmd as ``epmd -port P`` in the
+foreground) with the same registered names, and the same raw-socket client processes
+hammer each in turn: connect, send PORT_PLEASE2_REQ, read until the mapper closes.
+Rounds alternate between the two; the median round counts. With ``--json`` the last line
+is ``{"skymapper": ..., "epmd": ..., "ratio": ...}``.
 """
 
 from __future__ import annotations
@@ -29,25 +31,43 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 
-def serve_skymapper() -> None:
-    """The child process: our mapper on 127.0.0.1:0, printing its port, until stdin closes."""
+def serve_skymapper(plain: bool) -> None:
+    """The child process: our mapper on 127.0.0.1:0, printing its port, until stdin closes.
+
+    It listens as the daemon does (``mapper_server_endpoint``: a ``MapperPort``), or with
+    ``plain`` on Twisted's own ``tcp.Port``. At exit it reports to stderr how many
+    connections each path of a ``MapperPort`` took.
+    """
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
     from twisted.internet.stdio import StandardIO
 
+    from skyproto.mapper.port import MapperPort, mapper_server_endpoint
     from skyproto.mapper.server import MapperServerFactory
 
     factory = MapperServerFactory(reactor, 0)
+    description = "tcp:0:interface=127.0.0.1:backlog=1024"
+    endpoint = (serverFromString if plain else mapper_server_endpoint)(reactor, description)
 
     def listening(port: object) -> None:
         factory.port = port.getHost().port  # type: ignore[attr-defined]
         print(factory.port, flush=True)
+        if isinstance(port, MapperPort):
+            reactor.addSystemEventTrigger("before", "shutdown", report, port)
+
+    def report(port: MapperPort) -> None:
+        print(
+            f"skymapper: {port.fast} connections answered without a transport, "
+            f"{port.handed_over} handed over; {port.waited} had to wait for their request",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def failed(failure: object) -> None:
         print(f"listen failed: {failure}", file=sys.stderr, flush=True)
         reactor.stop()
 
-    d = serverFromString(reactor, "tcp:0:interface=127.0.0.1:backlog=1024").listen(factory)
+    d = endpoint.listen(factory)
     d.addCallbacks(listening, failed)
     # Exit when the parent goes away (it closes our stdin).
     StandardIO(_ExitOnEOF(reactor), reactor=reactor)  # type: ignore[no-untyped-call]
@@ -99,9 +119,10 @@ def wait_until_serving(port: int, deadline: float) -> None:
 
 
 @contextmanager
-def skymapper() -> Iterator[int]:
+def skymapper(plain: bool = False) -> Iterator[int]:
     process = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--serve-skymapper"],
+        [sys.executable, os.path.abspath(__file__), "--serve-skymapper"]
+        + (["--plain-port"] if plain else []),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -218,10 +239,15 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=1.5, help="seconds per round (1.5)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per mapper (5)")
     parser.add_argument("--names", type=int, default=20, help="registered names (20)")
+    parser.add_argument(
+        "--plain-port",
+        action="store_true",
+        help="serve skymapper on Twisted's tcp.Port instead of MapperPort (the old path)",
+    )
     parser.add_argument("--serve-skymapper", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_skymapper:
-        serve_skymapper()
+        serve_skymapper(args.plain_port)
         return 0
 
     epmd = shutil.which("epmd")
@@ -232,7 +258,7 @@ def main() -> int:
     rates: dict[str, list[float]] = {"skymapper": [], "epmd": []}
     with ExitStack() as stack:
         ports = {
-            "skymapper": stack.enter_context(skymapper()),
+            "skymapper": stack.enter_context(skymapper(args.plain_port)),
             "epmd": stack.enter_context(genuine_epmd(epmd)),
         }
         for port in ports.values():

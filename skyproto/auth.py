@@ -37,6 +37,8 @@ DEFAULT_SECRET_FILE: Final = "~/.skyproto.cookie"
 
 
 def default_secret_path() -> Path:
+    """Where the cluster secret is read when no ``--secret-file`` is given: ``~/.skyproto.cookie``,
+    expanded."""
     return Path(DEFAULT_SECRET_FILE).expanduser()
 
 
@@ -94,6 +96,7 @@ def cluster_key(secret: bytes) -> bytes:
 
 
 def new_nonce() -> bytes:
+    """A fresh random nonce of NONCE_SIZE bytes, from the operating system's CSPRNG."""
     return secrets.token_bytes(NONCE_SIZE)
 
 

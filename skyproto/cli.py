@@ -7,13 +7,15 @@ unreachable peers are one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import attrs
 from zope.interface import implementer
 
 from . import __version__
@@ -23,8 +25,21 @@ from .errors import ConfigurationError
 from .interfaces import IMasterListener
 from .web.status import status_object as status_object  # also imported from here
 
+if TYPE_CHECKING:
+    from .node.resolver import NodeResolver
+
+
+def master_resolver(reactor: Any) -> NodeResolver:
+    """The resolver of a ``--master NAME@HOST`` (HOST's mapper on ``$ERL_EPMD_PORT`` or
+    4369, as a node asks it)."""
+    from .node.resolver import NodeResolver
+    from .tap import mapper_port
+
+    return NodeResolver(reactor, mapper_port(os.environ))
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``skyproto`` argument parser: every command and its options."""
     parser = argparse.ArgumentParser(prog="skyproto", description="Inspect a skyproto cluster.")
     parser.add_argument("--version", action="version", version=f"skyproto {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -34,11 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     names.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     status = commands.add_parser("status", help="list the master's live harbors and names")
     status.add_argument("--master", metavar="ENDPOINT", default="tcp:127.0.0.1:2013",
-                        help="the master (default tcp:127.0.0.1:2013)")
+                        help="the master: an endpoint or NAME@HOST, e.g. skymaster@hosta "
+                        "(default tcp:127.0.0.1:2013)")
     status.add_argument("--secret-file", metavar="FILE", default=None,
                         help="cluster secret (default ~/.skyproto.cookie)")
-    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--json", action="store_true",
+                        help="print one JSON object (with --watch: one per line)")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    status.add_argument("--watch", action="store_true",
+                        help="then print every change as it happens, until Ctrl-C")
+    services = commands.add_parser("services", help="list the services of one harbor")
+    services.add_argument("--master", metavar="ENDPOINT", default="tcp:127.0.0.1:2013",
+                          help="the master: an endpoint or NAME@HOST, e.g. skymaster@hosta "
+                          "(default tcp:127.0.0.1:2013)")
+    services.add_argument("--harbor", metavar="N", type=int, required=True,
+                          help="the harbor id (1..255) of the node to ask")
+    services.add_argument("--secret-file", metavar="FILE", default=None,
+                          help="cluster secret (default ~/.skyproto.cookie)")
+    services.add_argument("--json", action="store_true", help="print one JSON object")
+    services.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     add_tls_parser(commands)
     return parser
 
@@ -138,25 +167,237 @@ class _Observer:
     """An observer needs no notifications: it asks for the table once."""
 
     def master_table(self, table: Any, first: bool) -> None:
-        pass
+        """Nothing to do: the table is asked for."""
 
     def master_event(self, event: Any) -> None:
-        pass
+        """Nothing to do: nothing is pushed to an observer that does not watch."""
 
     def master_refused(self, reason: str) -> None:
-        pass
+        """Nothing to do: the request fails with the reason."""
 
     def master_lost(self, reason: str) -> None:
-        pass
+        """Nothing to do: the request fails."""
+
+
+@implementer(IMasterListener)
+class _Watcher:
+    """``skyproto status --watch``: prints each change the master pushes, with the time
+    it arrived, and ends (``done``) when the master goes away."""
+
+    def __init__(self, clock: Any, as_json: bool, master: str) -> None:
+        self.clock = clock
+        self.as_json = as_json
+        self.master = master
+        self.table: Any = None
+        #: fires with None when stopped, with a failure when the master goes away
+        self.done: Any = None
+
+    def master_table(self, table: Any, first: bool) -> None:
+        """A table fetched again after a gap: what changed is printed as events."""
+        if self.table is not None:
+            for event in table_changes(self.table, table):
+                self.master_event(event)
+        self.table = table
+
+    def master_event(self, event: Any) -> None:
+        """One change: one line (text or JSON), flushed at once."""
+        now = self.clock.seconds()
+        if self.as_json:
+            print(json.dumps(event_object(event, now)), flush=True)
+        else:
+            print(f"{timestamp(now)} {event_line(event)}", flush=True)
+
+    def master_refused(self, reason: str) -> None:
+        """The master refused us (never after the handshake): the watch fails."""
+        self.fail(f"the master at {self.master} refused: {reason}")
+
+    def master_lost(self, reason: str) -> None:
+        """The master went away: the watch ends with status 1."""
+        self.fail(f"lost the master at {self.master}: {reason}")
+
+    def fail(self, why: str) -> None:
+        """End the watch with ``why`` (once)."""
+        from .errors import MasterUnavailable
+
+        if self.done is not None and not self.done.called:
+            self.done.errback(MasterUnavailable(why))
+
+
+def timestamp(seconds: float) -> str:
+    """A moment as ``--watch`` prints it: UTC, to the millisecond."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def event_line(event: Any) -> str:
+    """One pushed change in words (``skyproto status --watch``)."""
+    from .master.records import GroupJoined, HarborJoined, HarborLeft, NameBound, NameUnbound
+
+    if isinstance(event, HarborJoined):
+        r = event.record
+        return (f"harbor {r.harbor} joined: {r.node} at {r.endpoint} "
+                f"(incarnation {r.incarnation})")
+    if isinstance(event, HarborLeft):
+        return f"harbor {event.harbor} left: {event.reason} (incarnation {event.incarnation})"
+    if isinstance(event, NameBound):
+        return f"name {event.name} bound to {format_handle(event.handle)}"
+    if isinstance(event, NameUnbound):
+        return f"name {event.name} unbound from {format_handle(event.handle)}"
+    if isinstance(event, GroupJoined):
+        return f"group {event.group} joined by {format_handle(event.handle)}"
+    return f"group {event.group} left by {format_handle(event.handle)}"
+
+
+#: the ``event`` of each change in ``skyproto status --watch --json``
+EVENT_KINDS = {"HarborJoined": "harbor_joined", "HarborLeft": "harbor_left",
+               "NameBound": "name_bound", "NameUnbound": "name_unbound",
+               "GroupJoined": "group_joined", "GroupLeft": "group_left"}
+
+
+def event_object(event: Any, seconds: float) -> dict[str, Any]:
+    """One pushed change as ``--watch --json`` prints it: ``time`` (seconds of the epoch,
+    when it arrived), ``event`` (``harbor_joined``, ...), ``sequence`` and its fields."""
+    from .master.records import HarborJoined
+
+    shown: dict[str, Any] = {"time": seconds, "event": EVENT_KINDS[type(event).__name__],
+                             "sequence": event.sequence}
+    if isinstance(event, HarborJoined):
+        r = event.record
+        shown.update(harbor=r.harbor, name=r.node, endpoint=r.endpoint,
+                     incarnation=r.incarnation, up_since=r.up_since)
+    else:
+        shown.update({f.name: getattr(event, f.name) for f in attrs.fields(type(event))
+                      if f.name != "sequence"})
+    return shown
+
+
+def table_changes(old: Any, new: Any) -> list[Any]:
+    """The changes from one table to another, as the events that would have made them
+    (a watcher that missed events prints these after fetching the table again)."""
+    from .master.records import (
+        GroupJoined,
+        GroupLeft,
+        HarborJoined,
+        HarborLeft,
+        NameBound,
+        NameUnbound,
+    )
+
+    seq = new.sequence
+    changes: list[Any] = []
+    before = {r.harbor: r for r in old.harbors}
+    after = {r.harbor: r for r in new.harbors}
+    for harbor, r in sorted(before.items()):
+        if after.get(harbor) != r:
+            changes.append(HarborLeft(seq, harbor, r.incarnation, "not in the table any more"))
+    for harbor, r in sorted(after.items()):
+        if before.get(harbor) != r:
+            changes.append(HarborJoined(seq, r))
+    for name, handle in sorted(old.names.items()):
+        if new.names.get(name) != handle:
+            changes.append(NameUnbound(seq, name, handle))
+    for name, handle in sorted(new.names.items()):
+        if old.names.get(name) != handle:
+            changes.append(NameBound(seq, name, handle))
+    was = {(g, h) for g, members in old.groups.items() for h in members}
+    now = {(g, h) for g, members in new.groups.items() for h in members}
+    changes.extend(GroupLeft(seq, g, h) for g, h in sorted(was - now))
+    changes.extend(GroupJoined(seq, g, h) for g, h in sorted(now - was))
+    return changes
+
+
+async def watch_status(reactor: Any, endpoint: str, secret_file: str | None, as_json: bool,
+                       timeout: float) -> None:
+    """``skyproto status --watch``: the table, then every change, until the reactor stops
+    (Ctrl-C: a clean end) or the master goes away (MasterUnavailable)."""
+    from twisted.internet.defer import Deferred
+
+    from .auth import load_secret
+    from .master.client import MasterClient
+
+    watcher = _Watcher(reactor, as_json, endpoint)
+    client = MasterClient(reactor, endpoint, load_secret(secret_file, create=False), watcher,
+                          request_timeout=timeout, resolver=master_resolver(reactor))
+    done: Deferred[None] = Deferred()
+    watcher.done = done
+
+    def interrupted() -> Deferred[None]:
+        if not done.called:
+            done.callback(None)
+        return client.stop()  # shutdown waits for the connection to close
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted)
+    client.start()
+    try:
+        table = await client.watch()
+        watcher.table = table
+        if as_json:
+            print(json.dumps(status_object(table, client.store)), flush=True)
+        else:
+            for line in status_lines(table):
+                print(line)
+            print(f"watching the master at {endpoint} (Ctrl-C to stop)", flush=True)
+        await done
+    finally:
+        reactor.removeSystemEventTrigger(trigger)
+        await client.stop()
+
+
+async def show_services(reactor: Any, endpoint: str, harbor: int, secret_file: str | None,
+                        as_json: bool, timeout: float) -> None:
+    """``skyproto services``: harbor ``harbor``'s services, as its node tells the master."""
+    from .address import HARBOR_MAX, HARBOR_MIN
+    from .auth import load_secret
+    from .master.client import MasterClient
+
+    if not HARBOR_MIN <= harbor <= HARBOR_MAX:
+        raise ConfigurationError(f"harbor id {harbor} is out of range 1..255")
+    client = MasterClient(reactor, endpoint, load_secret(secret_file, create=False), _Observer(),
+                          request_timeout=timeout, resolver=master_resolver(reactor))
+    client.start()
+    try:
+        reply = await client.list_services(harbor)
+    finally:
+        await client.stop()
+    if as_json:
+        print(json.dumps(services_object(reply)))
+        return
+    for line in services_lines(reply):
+        print(line)
+
+
+def services_object(reply: Any) -> dict[str, Any]:
+    """The ``--json`` form of ``skyproto services``: the harbor, its node's name, and each
+    service's handle (a plain 32-bit integer), class, names, groups and queue length."""
+    return {
+        "harbor": reply.harbor, "node": reply.node,
+        "services": [{"handle": s.handle, "service": s.kind, "names": list(s.names),
+                      "groups": list(s.groups), "queue": s.queue} for s in reply.services],
+    }
+
+
+def services_lines(reply: Any) -> list[str]:
+    """``skyproto services`` for people: which node, then one service a line in aligned
+    columns (names and groups comma-separated, ``-`` for none)."""
+    count = len(reply.services)
+    lines = [f"harbor {reply.harbor} ({reply.node}): {count} service{'s' * (count != 1)}"]
+    if not count:
+        return lines
+    rows = [["handle", "service", "names", "groups", "queue"]]
+    rows.extend([format_handle(s.handle), s.kind, ",".join(s.names) or "-",
+                 ",".join(s.groups) or "-", str(s.queue)] for s in reply.services)
+    lines.extend(columns(rows))
+    return lines
 
 
 async def show_status(reactor: Any, endpoint: str, secret_file: str | None, as_json: bool,
                       timeout: float) -> None:
+    """``skyproto status``: ask the master for its table once, as an observer, and print it (aligned
+    columns, or one JSON object)."""
     from .auth import load_secret
     from .master.client import MasterClient
 
     client = MasterClient(reactor, endpoint, load_secret(secret_file, create=False), _Observer(),
-                          request_timeout=timeout)
+                          request_timeout=timeout, resolver=master_resolver(reactor))
     client.start()
     try:
         table = await client.get_table()
@@ -196,6 +437,7 @@ def status_lines(table: Any) -> list[str]:
 
 
 async def show_names(reactor: Any, endpoint: str, timeout: float) -> None:
+    """``skyproto names``: a mapper's registrations, printed as ``epmd -names`` prints them."""
     from twisted.internet.endpoints import clientFromString
 
     from .mapper.client import MapperClient
@@ -217,6 +459,7 @@ def run_on_reactor(job: Callable[[Any], Coroutine[Any, Any, None]], what: str) -
     """Run one coroutine on the global reactor; a failure is one line, exit status 1."""
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
+    from twisted.internet.error import ReactorNotRunning
 
     status: list[int] = []
 
@@ -225,7 +468,8 @@ def run_on_reactor(job: Callable[[Any], Coroutine[Any, Any, None]], what: str) -
         print(f"skyproto: error: {what}: {failure.getErrorMessage()}", file=sys.stderr)
 
     def finish(_: object) -> None:
-        reactor.stop()
+        with contextlib.suppress(ReactorNotRunning):  # stopping already (Ctrl-C)
+            reactor.stop()
 
     def start() -> None:
         done = Deferred.fromCoroutine(job(reactor))
@@ -243,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "tls":
         return run_tls(args)
-    endpoint_option = {"names": ("--mapper", "mapper"), "status": ("--master", "master")}
+    endpoint_option = {"names": ("--mapper", "mapper"), "status": ("--master", "master"),
+                       "services": ("--master", "master")}
     if args.command in endpoint_option:
         option, attribute = endpoint_option[args.command]
         try:
@@ -261,6 +506,16 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return run_on_reactor(lambda reactor: show_names(reactor, endpoint, args.timeout),
                               f"cannot list names at {endpoint}")
+    if args.command == "status" and args.watch:
+        return run_on_reactor(
+            lambda reactor: watch_status(reactor, args.master, args.secret_file, args.json,
+                                         args.timeout),
+            f"watching the master at {args.master}")
+    if args.command == "services":
+        return run_on_reactor(
+            lambda reactor: show_services(reactor, args.master, args.harbor, args.secret_file,
+                                          args.json, args.timeout),
+            f"cannot list the services of harbor {args.harbor} at {args.master}")
     if args.command == "status":
         return run_on_reactor(
             lambda reactor: show_status(reactor, args.master, args.secret_file, args.json,

@@ -60,6 +60,11 @@ class MasterUnavailable(CallError):
     """The master could not be reached within the bounded wait; nothing was changed."""
 
 
+class ServicesUnavailable(CallError):
+    """The master could not list a harbor's services: no such harbor, or its node did not
+    answer in time (``skyproto services``)."""
+
+
 class NameConflict(SkyprotoError):
     """The master refused a name operation (taken by another handle, not ours, ...)."""
 

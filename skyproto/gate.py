@@ -158,6 +158,8 @@ class GateClient:
         self._unsubscribe: Callable[[], None] | None = None
 
     def client_connected(self) -> None:
+        """A client connected: start its idle timer, give it its own agent service (the source of
+        its calls) and watch its transport's backpressure."""
         clock = self.factory.node.reactor
         self.peer = describe_peer(self.transport.getPeer())
         self.last_active = clock.seconds()
@@ -201,6 +203,8 @@ class GateClient:
         self._finish_if_done()
 
     def request(self, raw: bytes) -> None:
+        """One request from the client (a line or a packet): parse it, call the gate service, and
+        queue its reply in order."""
         self._active()
         try:
             text = raw.decode("utf-8")
@@ -313,6 +317,8 @@ class GateClient:
         self.transport.loseConnection()
 
     def client_lost(self) -> None:
+        """The client went away: stop its idle timer and its subscription, and kill its agent
+        service."""
         self.lost = True
         self.factory.clients.discard(self)
         if self._unsubscribe is not None:
@@ -327,6 +333,7 @@ class GateClient:
         self.log.debug("gate client {peer} left", peer=self.peer)
 
     def send_reply(self, text: str) -> None:
+        """Write one reply in the client's framing (a line or a packet); each subclass frames it."""
         raise NotImplementedError
 
     def has_unread(self) -> bool:
@@ -348,33 +355,42 @@ class LineClient(GateClient, LineReceiver):
     delimiter = b"\n"
 
     def connectionMade(self) -> None:
+        """Take the configured request limit as the line limit, then start the client."""
         self.MAX_LENGTH = self.factory.config.max_request
         self.client_connected()
 
     def dataReceived(self, data: bytes) -> None:
+        """Bytes from the client, read while the gate is not paused for backpressure."""
         self._receive(super().dataReceived, data)
 
     def lineReceived(self, line: bytes) -> None:
+        """A whole line is one request (a trailing CR is dropped, for telnet-style clients)."""
         self.request(line[:-1] if line.endswith(b"\r") else line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
+        """A line over the request limit: refuse it and close the connection."""
         self.refuse(f"request longer than {self.MAX_LENGTH} bytes")
 
     def send_reply(self, text: str) -> None:
+        """One reply as one line (a newline inside it is replaced by a space)."""
         # a newline inside a reply would read as two replies
         self.sendLine(text.replace("\n", " ").encode("utf-8"))  # type: ignore[no-untyped-call]
 
     def has_unread(self) -> bool:
+        """Whether part of a line is still buffered."""
         return bool(self._buffer)
 
     def take_unread(self) -> bytes:
+        """The buffered part of a line, removed from the buffer."""
         unread: bytes = self.clearLineBuffer()  # type: ignore[no-untyped-call]
         return unread
 
     def unterminated(self, data: bytes) -> None:
+        """The input ended without a final newline: what came is still one request."""
         self.lineReceived(data)  # ``printf 'GET k' | nc -N``: the end of input ends it
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """The connection ended: the client goes."""
         self.client_lost()
 
 
@@ -382,19 +398,24 @@ class PacketClient(GateClient, Int16StringReceiver):
     """Packets with a 2-byte big-endian length, as skynet's gate frames them."""
 
     def connectionMade(self) -> None:
+        """Take the configured request limit as the packet limit, then start the client."""
         self.MAX_LENGTH = self.factory.config.max_request
         self.client_connected()
 
     def dataReceived(self, data: bytes) -> None:
+        """Bytes from the client, read while the gate is not paused for backpressure."""
         self._receive(super().dataReceived, data)
 
     def stringReceived(self, string: bytes) -> None:
+        """A whole length-prefixed packet is one request."""
         self.request(string)
 
     def lengthLimitExceeded(self, length: int) -> None:
+        """A packet over the request limit: refuse it and close the connection."""
         self.refuse(f"request longer than {self.MAX_LENGTH} bytes")
 
     def send_reply(self, text: str) -> None:
+        """One reply as one packet; a reply too large for the 16-bit length becomes an ERROR."""
         data = text.encode("utf-8")
         if len(data) > MAX_PACKET:
             data = (f"ERROR reply too large for packet framing ({len(data)} bytes, "
@@ -402,16 +423,20 @@ class PacketClient(GateClient, Int16StringReceiver):
         self.sendString(data)  # type: ignore[no-untyped-call]
 
     def has_unread(self) -> bool:
+        """Whether part of a packet is still buffered."""
         return bool(self._unprocessed)
 
     def take_unread(self) -> bytes:
+        """The buffered part of a packet, removed from the buffer."""
         unread, self._unprocessed = self._unprocessed, b""
         return unread
 
     def unterminated(self, data: bytes) -> None:
+        """The input ended inside a packet: answer with an ERROR."""
         self._answer("ERROR the input ended inside a packet")
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """The connection ended: the client goes."""
         self.client_lost()
 
 
@@ -452,6 +477,8 @@ class GateFactory(Factory):
         self._told_full = False
 
     def buildProtocol(self, addr: Any) -> Protocol:
+        """A client in the gate's framing; when ``max_clients`` are connected, the least recently
+        active one that awaits no reply makes room (or the newcomer is refused)."""
         if len(self.clients) >= self.config.max_clients:
             self._full()
             # Make room by closing the least recently active client that awaits no reply

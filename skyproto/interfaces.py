@@ -7,9 +7,12 @@ the classes above them, so a node, a test double or a benchmark can stand behind
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from .wire.codec import Frame
 
 
 class ISessionTable(Interface):
@@ -75,7 +78,7 @@ class IHarborLink(Interface):
     def send_data(source: int, destination: int, session: int, ptype: int, payload: Any) -> None:
         """Encode and send one data message; FrameTooLarge (nothing sent) if it is too big."""
 
-    def write_frame(frame: bytes, must: bool) -> None:
+    def write_frame(frame: Frame, must: bool) -> None:
         """Send one encoded data frame (length prefix included). Unless ``must``, raise
         QueueFull when too many bytes already wait for the peer."""
 

@@ -61,6 +61,7 @@ class JSONLinesObserver:
         self._observer = FileLogObserver(out, _json_line)
 
     def __call__(self, event: LogEvent) -> None:
+        """Write one log event as one JSON line."""
         self._observer(event)
 
 
@@ -86,6 +87,7 @@ class DaemonService(MultiService):
         self.observer = observer
 
     def setServiceParent(self, parent: Any) -> None:
+        """Install the JSON log observer on twistd's application (when given) before joining it."""
         if self.observer is not None and isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self.observer)  # type: ignore[no-untyped-call]
         super().setServiceParent(parent)  # type: ignore[no-untyped-call]

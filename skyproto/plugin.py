@@ -23,10 +23,12 @@ class LazyServiceMaker:
 
     @property
     def options(self) -> type[Options]:
+        """The daemon's Options class, imported only now (``twistd --help`` stays fast)."""
         cls: type[Options] = getattr(importlib.import_module("skyproto.tap"), self._options)
         return cls
 
     def makeService(self, options: Any) -> IService:
+        """Build the daemon's service from parsed options (importing skyproto.tap only now)."""
         make = getattr(importlib.import_module("skyproto.tap"), self._make)
         service: IService = make(options)
         return service

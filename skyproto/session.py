@@ -8,9 +8,10 @@ docs/wire-format.md). Every operation is O(1) except ``fail_all``, which is O(ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -28,13 +29,18 @@ DEADLINE_RESOLUTION: Final = 0.05
 class _Pending:
     """One call waiting for its reply: small and fixed-size."""
 
-    __slots__ = ("bucket", "deferred", "harbor", "timeout")
+    __slots__ = ("bucket", "deferred", "harbor", "started", "timeout")
 
-    def __init__(self, deferred: Deferred[Any], harbor: int) -> None:
+    def __init__(self, deferred: Deferred[Any], harbor: int, started: float) -> None:
         self.deferred = deferred
         self.harbor = harbor
+        self.started = started
         self.bucket = 0
         self.timeout = 0.0
+
+
+#: told of every call that ends: (None, or why it failed; when it started, clock seconds)
+Finished = Callable[[BaseException | None, float], None]
 
 
 @implementer(ISessionTable)
@@ -49,8 +55,11 @@ class SessionTable:
         default_timeout: float | None = None,
         id_limit: int = SESSION_MAX,
         first_id: int = 1,
+        finished: Finished | None = None,
     ) -> None:
         self.clock = clock
+        #: told of each call as it ends (a node's statistics), before its Deferred fires
+        self.finished = finished
         self.default_timeout = default_timeout
         self.id_limit = id_limit
         self._pending: dict[int, _Pending] = {}
@@ -65,6 +74,7 @@ class SessionTable:
 
     @property
     def pending(self) -> int:
+        """How many sessions wait for a reply."""
         return len(self._pending)
 
     def pending_to(self, harbor: int) -> int:
@@ -91,14 +101,19 @@ class SessionTable:
         self._next = session + 1 if session < limit else 1
 
         deferred: Deferred[Any] = Deferred(lambda _: self._cancel(session))
-        entry = _Pending(deferred, harbor)
+        now = self.clock.seconds()
+        entry = _Pending(deferred, harbor, now)
         pending[session] = entry
         if harbor:
-            self._by_harbor.setdefault(harbor, set()).add(session)
+            tagged = self._by_harbor.get(harbor)
+            if tagged is None:
+                self._by_harbor[harbor] = {session}
+            else:
+                tagged.add(session)
         if timeout is None:
             timeout = self.default_timeout
         if timeout:
-            bucket = -int(-(self.clock.seconds() + timeout) // DEADLINE_RESOLUTION)  # ceil
+            bucket = -int(-(now + timeout) // DEADLINE_RESOLUTION)  # ceil
             entry.bucket = bucket
             entry.timeout = timeout
             sessions = self._buckets.get(bucket)
@@ -111,30 +126,48 @@ class SessionTable:
         return session, deferred
 
     def resolve(self, session: int, value: object, harbor: int | None = None) -> bool:
-        entry = self._claim(session, harbor, "reply")
-        if entry is not None:
-            entry.deferred.callback(value)
-        return entry is not None
+        """Fire a session's Deferred with ``value``; False (logged) if no such session waits (from
+        ``harbor``, when given)."""
+        # _forget in line: this runs for every reply
+        entry = self._pending.get(session)
+        if entry is None or (harbor is not None and entry.harbor != harbor):
+            self._unknown(session, "reply")
+            return False
+        del self._pending[session]
+        self._release(session, entry)
+        if self.finished is not None:
+            self.finished(None, entry.started)
+        entry.deferred.callback(value)
+        return True
 
     def fail(self, session: int, reason: BaseException, harbor: int | None = None) -> bool:
-        entry = self._claim(session, harbor, "error reply")
-        if entry is not None:
-            entry.deferred.errback(reason)
-        return entry is not None
-
-    def _claim(self, session: int, harbor: int | None, what: str) -> _Pending | None:
-        """The pending call a reply completes, or None (logged: unknown, late or forged)."""
+        """Errback a session's Deferred with ``reason``; False (logged) if no such session waits
+        (from ``harbor``, when given)."""
         entry = self._forget(session, harbor)
         if entry is None:
-            self.log.info("dropping {what} to unknown or expired session {session}",
-                          what=what, session=session)
-        return entry
+            self._unknown(session, "error reply")
+            return False
+        if self.finished is not None:
+            self.finished(reason, entry.started)
+        entry.deferred.errback(reason)
+        return True
+
+    def _unknown(self, session: int, what: str) -> None:
+        """A reply that completes no pending call: unknown, late or forged."""
+        self.log.info("dropping {what} to unknown or expired session {session}",
+                      what=what, session=session)
 
     def fail_all(self, reason: BaseException, harbor: int | None = None) -> int:
+        """Errback every pending session (those to ``harbor``, when given) with ``reason``; how
+        many."""
         chosen = self._pending if harbor is None else self._by_harbor.get(harbor, ())
         sessions = list(chosen)
         for session in sessions:
             self.fail(session, reason)
+        if not self._pending and self._timer is not None:  # nothing left to time out
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
         return len(sessions)
 
     def _schedule(self, bucket: int) -> None:
@@ -158,30 +191,32 @@ class SessionTable:
             self._schedule(min(self._buckets))
 
     def _cancel(self, session: int) -> None:
-        self._forget(session)
+        entry = self._forget(session)
+        if entry is not None and self.finished is not None:
+            self.finished(CancelledError(), entry.started)
 
     def _forget(self, session: int, harbor: int | None = None) -> _Pending | None:
         """Remove a pending call; with ``harbor``, only if the call went to that harbor."""
-        if harbor is not None:
-            entry = self._pending.get(session)
-            if entry is None or entry.harbor != harbor:
-                return None
-            del self._pending[session]
-        else:
-            entry = self._pending.pop(session, None)
-        if entry is None:
+        pending = self._pending
+        entry = pending.get(session)
+        if entry is None or (harbor is not None and entry.harbor != harbor):
             return None
+        del pending[session]
+        self._release(session, entry)
+        return entry
+
+    def _release(self, session: int, entry: _Pending) -> None:
+        """A call removed from ``_pending``: out of its deadline bucket and harbor set too."""
         if entry.bucket:
             sessions = self._buckets[entry.bucket]
             sessions.discard(session)
             if not sessions:
+                # The timer stays: it runs once, finds nothing due and sleeps until the next
+                # bucket, which is cheaper than cancelling it after every sequential call
+                # and arming it again for the next.
                 del self._buckets[entry.bucket]
-                if not self._buckets and self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
         if entry.harbor:
             tagged = self._by_harbor[entry.harbor]
             tagged.discard(session)
             if not tagged:
                 del self._by_harbor[entry.harbor]
-        return entry

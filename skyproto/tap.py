@@ -26,7 +26,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from . import __version__
-from .address import NodeName, check_harbor, format_handle
+from .address import NodeName, check_harbor, format_handle, short_hostname
 from .auth import load_secret
 from .endpoints import (
     endpoint_host,
@@ -43,6 +43,8 @@ from .gate import FRAMINGS, GateConfig, GateFactory
 from .interfaces import IRegistry
 from .logformat import DaemonService, JSONLinesObserver, log_file, log_format
 from .mapper.epmd import DEFAULT_PORT as EPMD_PORT
+from .mapper.extra import MASTER_NAME, ROLE_MASTER
+from .mapper.port import mapper_server_endpoint
 from .mapper.server import MapperServerFactory, relaxed_from_environ
 from .master.client import MasterClient
 from .master.etcd_client import EtcdClient
@@ -104,6 +106,7 @@ class OneLineOptions(usage.Options):
         raise SystemExit(0)
 
     def parseOptions(self, options: Any = None) -> None:
+        """Parse; a mistake is one line on stderr naming the option, and exit status 1."""
         try:
             super().parseOptions(options)  # type: ignore[no-untyped-call]
         except usage.UsageError as e:
@@ -214,11 +217,28 @@ class MasterOptions(DaemonOptions):
          "with the same prefix share one table)."],
         ["store-lease-ttl", None, DEFAULT_LEASE_TTL, "With --store etcd: seconds a node's "
          "keys outlive a master that stopped renewing them (at least 2).", _lease_ttl],
+        ["name", None, MASTER_NAME, "The name this master registers with its host's port "
+         "mapper: nodes give --master NAME@THISHOST and need no port."],
+        ["mapper", None, None, "This host's port mapper (default tcp:127.0.0.1:"
+         "$ERL_EPMD_PORT, or 4369); started in this process if none answers."],
+        ["mapper-listen", None, None, "Where this master runs the mapper when none answers: "
+         "an endpoint, or an interface address for the mapper's port. Default: where "
+         "--mapper points (127.0.0.1), but every interface when --listen is on every "
+         "interface."],
+    ]
+    optFlags = [
+        ["no-mapper", None, "Do not register with this host's port mapper (nodes then need "
+         "the master's endpoint, not NAME@HOST)."],
     ]
 
     def postOptions(self) -> None:
+        """Check the options together (heartbeat timing, the master's name, the store)."""
         if self["heartbeat-timeout"] <= self["heartbeat-interval"]:
             raise usage.UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
+        try:
+            self["master_name"] = master_name(self["name"])
+        except AddressError as e:
+            raise usage.UsageError(f"--name: {e}") from None
         if isinstance(self["store"], str):  # the default, not passed through parse_store
             self["store"] = parse_store(self["store"])
         prefix = self["store-prefix"]
@@ -227,6 +247,15 @@ class MasterOptions(DaemonOptions):
             raise usage.UsageError(f"--store-prefix must start and end with '/' and hold no "
                                    f"spaces, not {prefix!r}")
 
+
+
+def master_name(text: str) -> str:
+    """``--name`` of a master: NAME (or NAME@HOST, whose HOST is this host anyway); the
+    NAME part. AddressError if it is not a name a mapper takes."""
+    name = NodeName.parse(text).name
+    if ":" in name:
+        raise AddressError(f"a master's name has no ':' (it is NAME@HOST), not {text!r}")
+    return name
 
 
 def mapper_port(environ: Mapping[str, str]) -> int:
@@ -353,6 +382,7 @@ class NodeOptions(DaemonOptions):
         self["groups"].append(value)
 
     def postOptions(self) -> None:
+        """Check the options together and fill in what ``--standalone`` implies."""
         if self["standalone"]:
             if self["master"] is not None:
                 raise usage.UsageError("--standalone runs its own master: give --master-listen")
@@ -414,10 +444,17 @@ def advertised_address(port: IListeningPort, listen: str | None = None,
     host = port.getHost()
     if isinstance(host, IPv4Address | IPv6Address) and is_wildcard_interface(host.host):
         masters = [toward] if isinstance(toward, str) else list(toward or [])
-        targets = [target for target in map(endpoint_host, masters) if target is not None]
+        targets = [target for target in map(_master_host, masters) if target is not None]
         local = next(filter(None, map(route_source_address, targets)), None)
         return listener_client_endpoint(listen, local or socket.getfqdn(), host.port)
     return address
+
+
+def _master_host(master: str) -> str | None:
+    """The host a master endpoint dials (``tcp:hosta:2013``, ``skymaster@hosta``)."""
+    if is_node_name(master):
+        return NodeName.parse(master).host
+    return endpoint_host(master)
 
 
 def route_source_address(host: str) -> str | None:
@@ -458,6 +495,7 @@ def listen_now(listening: Deferred[IListeningPort], what: str, program: str) -> 
 
 
 def already_in_use(result: IListeningPort | Failure) -> bool:
+    """Whether a listen failed because the address is in use (another mapper holds the port)."""
     error = result.value if isinstance(result, Failure) else None
     return isinstance(error, CannotListenError) and getattr(
         error.socketError, "errno", None) == errno.EADDRINUSE
@@ -495,10 +533,12 @@ class MasterWait(Service):
         self._check: IDelayedCall | None = None
 
     def startService(self) -> None:
+        """Start the ``--master-wait`` countdown."""
         super().startService()  # type: ignore[no-untyped-call]
         self._check = self.clock.callLater(self.seconds, self._expired)
 
     def stopService(self) -> None:
+        """Stop the countdown."""
         super().stopService()  # type: ignore[no-untyped-call]
         if self._check is not None and self._check.active():
             self._check.cancel()
@@ -565,6 +605,7 @@ class NodeService(Service):
         self.host_mapper: HostMapper | None = None
 
     def startService(self) -> None:
+        """Link the static peers and join the master."""
         super().startService()  # type: ignore[no-untyped-call]
         for harbor, endpoint in self.peers:
             self.node.add_peer(harbor, endpoint)
@@ -572,6 +613,7 @@ class NodeService(Service):
             self.join()
 
     def stopService(self) -> Deferred[Any]:
+        """Stop the node (links closed, calls failed) and its mapper agent."""
         super().stopService()  # type: ignore[no-untyped-call]
         stopping = [self.node.stop()]
         if self.host_mapper is not None:
@@ -624,6 +666,8 @@ def _is_loopback(address: str) -> bool:
 
 
 def make_node_service(options: NodeOptions) -> IService:
+    """``twistd skynode``: the node, its listeners, master, mapper agent, gate and web, from the
+    options (a mistake exits with one line)."""
     from twisted.internet import reactor
 
     program = "skynode"
@@ -635,7 +679,9 @@ def make_node_service(options: NodeOptions) -> IService:
     top = MultiService()
     try:
         for master in options["masters"]:
-            check_client_endpoint(reactor, "--master", master)
+            if not is_node_name(master):  # NAME@HOST: found through HOST's mapper
+                check_client_endpoint(reactor, "--master", master,
+                                      forms="tcp:HOST:PORT, unix:PATH or skymaster@HOST")
         for harbor, endpoint in options["peers"]:
             if not is_node_name(endpoint):
                 check_client_endpoint(reactor, "--peer", endpoint, f"{harbor}={endpoint}",
@@ -794,9 +840,13 @@ def make_node_service(options: NodeOptions) -> IService:
 
 def listen_on(reactor: Any, endpoint: str, factory: Any, program: str,
               option: str = "--listen") -> Deferred[IListeningPort]:
-    """Start listening on ``endpoint`` (given as ``option``); a bad endpoint is one line."""
+    """Start listening on ``endpoint`` (given as ``option``); a bad endpoint is one line.
+    A mapper listens on TCP with its own accept loop (:mod:`skyproto.mapper.port`)."""
     try:
-        server = serverFromString(reactor, endpoint)
+        if isinstance(factory, MapperServerFactory):
+            server = mapper_server_endpoint(reactor, endpoint)
+        else:
+            server = serverFromString(reactor, endpoint)
     except (ValueError, KeyError, TypeError) as e:
         exit_with(f"{option}: bad listen endpoint {endpoint!r}: {e}", program)
     listening: Deferred[IListeningPort] = server.listen(factory)
@@ -816,12 +866,18 @@ def start_master(reactor: Any, secret: bytes, endpoint: str, program: str,
 
 
 def make_master_service(options: MasterOptions) -> IService:
+    """``twistd skymaster``: the master, its registry and listener (and web), from the options (a
+    mistake exits with one line)."""
     from twisted.internet import reactor
 
     program = "skymaster"
-    configure_tls(options, [("--listen", options["listen"])], program)
+    configure_tls(options, [("--listen", options["listen"]), ("--mapper", options["mapper"])],
+                  program)
     try:
         secret = load_secret(options["secret-file"])
+        port_number = mapper_port(os.environ)
+        mapper_at = options["mapper"] or f"tcp:127.0.0.1:{port_number}"
+        mapper_listen = mapper_listen_endpoint(mapper_at)
     except ConfigurationError as e:
         exit_with(str(e), program)
     registry = make_registry(reactor, options)
@@ -830,6 +886,18 @@ def make_master_service(options: MasterOptions) -> IService:
     master = MultiService()
     RegistryService(registry).setServiceParent(master)  # type: ignore[no-untyped-call]
     ListeningService(port).setServiceParent(master)  # type: ignore[no-untyped-call]
+    if not options["no-mapper"]:
+        try:
+            host_mapper = HostMapper(
+                reactor, hosted_mapper_endpoint(options["mapper-listen"], mapper_listen,
+                                                port_number, port),
+                # the port it listens on; with TLS on every interface, the host's name
+                mapper_at, port_number, options["master_name"],
+                advertised_address(port, options["listen"]), None, role=ROLE_MASTER,
+                relaxed=relaxed_from_environ(os.environ))
+        except ConfigurationError as e:
+            exit_with(str(e), program)
+        MasterMapperService(host_mapper).setServiceParent(master)  # type: ignore[no-untyped-call]
     return finish_daemon(reactor, options, program, master,
                          lambda: master_web(_factory_of(port, MasterService)))
 
@@ -856,17 +924,50 @@ class RegistryService(Service):
         self.registry = registry
 
     def startService(self) -> None:
+        """Start the registry (load it, for etcd); a failure is logged."""
         super().startService()  # type: ignore[no-untyped-call]
         started: Deferred[None] = self.registry.start()
         started.addErrback(lambda failure: log.failure("the registry did not start", failure))
 
     def stopService(self) -> Deferred[None]:
+        """Stop the registry (and close its etcd client)."""
         super().stopService()  # type: ignore[no-untyped-call]
         stopped: Deferred[None] = self.registry.stop()
         client = getattr(self.registry, "client", None)
         if isinstance(client, EtcdClient):
             stopped.addCallback(lambda _: client.close())
         return stopped
+
+
+class MasterMapperService(Service):
+    """Registers the master's name with its host's mapper (hosting the mapper if none
+    answers, taking it over if it goes, as every node does) so that nodes find it as
+    ``NAME@HOST``; unregisters when twistd stops. A name another live process holds is
+    logged, not fatal: the master serves its endpoint all the same."""
+
+    def __init__(self, host_mapper: HostMapper) -> None:
+        self.host_mapper = host_mapper
+
+    def startService(self) -> None:
+        """Register the master's name with the host's mapper, so nodes can give ``--master
+        name@host``."""
+        super().startService()  # type: ignore[no-untyped-call]
+        agent = self.host_mapper
+        node = f"{agent.name}@{short_hostname()}"
+        agent.start().addCallbacks(
+            lambda _: log.info("registered as {node} with the mapper at {mapper}: nodes "
+                               "join with --master {node}", node=node,
+                               mapper=agent.connect_endpoint),
+            lambda failure: log.error(
+                "the name {name} is taken on this host's mapper at {mapper} (another "
+                "master?); nodes cannot find this master as {node}: give it another --name "
+                "({reason})", name=agent.name, mapper=agent.connect_endpoint, node=node,
+                reason=failure.getErrorMessage()))
+
+    def stopService(self) -> Deferred[None]:
+        """Unregister from the mapper."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        return self.host_mapper.stop()
 
 
 class ListeningService(Service):
@@ -876,11 +977,14 @@ class ListeningService(Service):
         self.port = port
 
     def stopService(self) -> Deferred[None] | None:
+        """Stop listening."""
         super().stopService()  # type: ignore[no-untyped-call]
         return self.port.stopListening()
 
 
 def make_mapper_service(options: MapperOptions) -> IService:
+    """``twistd skymapper``: the port mapper on its port (exit 0 if another mapper already holds
+    it)."""
     from twisted.internet import reactor
 
     program = "skymapper"

@@ -2,6 +2,7 @@
 
 import contextlib
 import enum
+import os
 
 import attrs
 import cbor2
@@ -13,10 +14,13 @@ from skyproto.errors import ProtocolError
 from skyproto.wire.codec import (
     DATA_HEADER,
     MessageCodec,
+    SplitFrame,
     decode_cbor,
     decode_data_frame,
+    decode_payload,
     encode_cbor,
     encode_data_frame,
+    encode_data_message,
 )
 
 codec = MessageCodec("test")
@@ -166,3 +170,33 @@ def test_payloads_may_use_integer_keys():
 def test_short_data_frame():
     with pytest.raises(ProtocolError, match="shorter than its header"):
         decode_data_frame(b"\x01\x00")
+
+
+@pytest.mark.parametrize("value", [os.urandom(70_000), "ü" * 40_000, b"", "x" * 5000])
+def test_large_strings_decode_as_the_generic_decoder_does(value):
+    """One whole string is sliced, not read by cbor2 in chunks; the result is the same,
+    from bytes, a bytearray or a view."""
+    data = cbor2.dumps(value)
+    for form in (data, bytearray(data), memoryview(data)):
+        assert decode_payload(form) == value == cbor2.loads(data)
+        assert type(decode_payload(form)) is type(value)
+
+
+@pytest.mark.parametrize("data, words", [
+    (cbor2.dumps(b"x" * 70_000) + b"\x00", "trailing"),
+    (cbor2.dumps(b"x" * 70_000)[:-1], "malformed CBOR"),
+    (cbor2.dumps("x" * 70_000)[:-2] + b"\xff\xfe", "malformed CBOR"),  # not UTF-8
+])
+def test_large_strings_that_do_not_add_up_are_protocol_errors(data, words):
+    with pytest.raises(ProtocolError, match=words):
+        decode_payload(data)
+
+
+def test_a_large_byte_payload_frames_as_the_generic_encoder_would():
+    payload = os.urandom(200_000)
+    frame = encode_data_message(0x01000001, 0x02000003, -7, 0, payload)
+    assert isinstance(frame, SplitFrame) and frame.payload is payload  # not copied
+    whole = frame.joined()
+    assert len(frame) == len(whole)
+    assert whole == encode_data_frame(0x01000001, 0x02000003, -7, 0, cbor2.dumps(payload))
+    assert decode_payload(whole[4 + DATA_HEADER.size:]) == payload

@@ -93,6 +93,7 @@ from skyproto.master.messages import (
     Observe,
     Refused,
     Reply,
+    ServiceInfo,
     TableReply,
     Welcome,
 )
@@ -877,8 +878,8 @@ def test_every_master_message_is_documented() -> None:
 
 def test_nested_master_structures_are_documented() -> None:
     rows = {row[0]: row for row in table_rows("master-structs")}
-    assert set(rows) == {"`HarborRecord`", "`Table`"}
-    for cls in (HarborRecord, Table):
+    assert set(rows) == {"`HarborRecord`", "`Table`", "`ServiceInfo`"}
+    for cls in (HarborRecord, Table, ServiceInfo):
         row = rows[f"`{cls.__name__}`"]
         fields = [f.name for f in attrs.fields(cls)]
         assert re.findall(r"`(\w+)`", row[1]) == fields
@@ -1276,7 +1277,8 @@ def test_piece_layout_and_refusals_are_what_the_code_does() -> None:
     last = piece_frame(5, LAST, b"d")
     assert last[4:10] == b"\x03\x00\x00\x00\x05\x02" and last[10:] == b"d"
     assembler = PieceAssembler(10)
-    assert assembler.receive(first[4:]) is None and assembler.receive(last[4:]) == b"abcd"
+    assert assembler.receive(first[4:]) is None
+    assert bytes(assembler.receive(last[4:]) or b"") == b"abcd"
     for piece, words in [
         (piece_frame(9, LAST, b"x"), "a piece of stream N, which never started"),
         (piece_frame(9, 4, b"x"), "piece flags 0xN unknown"),

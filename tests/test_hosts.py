@@ -4,7 +4,9 @@ Every host runs what a real machine of a multi-host deployment runs (docs/operat
 "Multi-host deployment"): nodes listening on every interface (``--listen
 tcp:0:interface=0.0.0.0``) and advertising the address their host reaches the master from,
 the first node on each host hosting that host's mapper on port 4369 for everyone, the
-master found as ``tcp:hosta:2013`` through the hosts file. The figures printed here are in
+master found as ``tcp:hosta:2013`` through the hosts file, or (the three-host test) by
+name, ``--master skymaster@hosta``, through hosta's mapper, the master listening on an
+ephemeral port. The figures printed here are in
 docs/reliability.md, "Across hosts".
 """
 
@@ -47,6 +49,8 @@ __all__ = ["hosts", "hosts_sweep"]
 pytestmark = pytest.mark.hosts
 
 MASTER = "tcp:hosta:2013"
+BY_NAME = "skymaster@hosta"  #: the master found through hosta's mapper (issue 14)
+EPHEMERAL = "tcp:0:interface=0.0.0.0"  #: a master on every interface, on any free port
 NODE_LISTEN = "tcp:0:interface=0.0.0.0"
 CLIENT = str(REPO / "examples" / "client.py")
 WAIT = 20.0  #: seconds for a daemon to get somewhere
@@ -58,15 +62,17 @@ TIMER_SLACK = 0.25
 HEAL_LIMIT = 2.0  #: issue 14: hostb serves again within this many seconds of the heal
 
 
-def start_master(host: Host, name: str = "master") -> HostDaemon:
-    master = host.start("skymaster", "--listen", f"tcp:2013:interface={host.address}",
+def start_master(host: Host, name: str = "master", listen: str | None = None) -> HostDaemon:
+    """``twistd skymaster`` on ``host``: on its address, port 2013 (or on ``listen``)."""
+    master = host.start("skymaster", "--listen", listen or f"tcp:2013:interface={host.address}",
                         name=name)
     wait_line(master, r"skymaster listening on tcp:")
     return master
 
 
 def start_node(host: Host, harbor: int, name: str, *args: str, echo: str | None = None,
-               probe: str | None = None, watch: str | None = None) -> HostDaemon:
+               probe: str | None = None, watch: str | None = None,
+               master: str = MASTER) -> HostDaemon:
     """``twistd skynode`` on ``host``, as operations.md's walk-through runs one: every
     interface, the master by host name; ``echo``: a HostEcho under that name; ``probe``:
     a Prober calling those names (and watching who holds those in ``watch``)."""
@@ -78,7 +84,7 @@ def start_node(host: Host, harbor: int, name: str, *args: str, echo: str | None 
     if probe is not None:
         env["SKYH_PROBE"] = probe
         services += ["--service", "tests.hosts:Prober"]
-    return host.start("skynode", "--harbor", str(harbor), "--name", name, "--master", MASTER,
+    return host.start("skynode", "--harbor", str(harbor), "--name", name, "--master", master,
                       "--listen", NODE_LISTEN, *services, *args, name=name, env=env)
 
 
@@ -94,10 +100,10 @@ def _exited(daemon: HostDaemon) -> bool:
     return False
 
 
-def status(host: Host) -> dict[str, Any] | None:
+def status(host: Host, master: str = MASTER) -> dict[str, Any] | None:
     """The master's table as ``skyproto status --json`` prints it on ``host`` (None if no
     master answers)."""
-    done = host.skyproto("status", "--master", MASTER, "--json", "--timeout", "3")
+    done = host.skyproto("status", "--master", master, "--json", "--timeout", "3")
     if done.returncode != 0:
         return None
     table: dict[str, Any] = json.loads(done.stdout)
@@ -308,14 +314,19 @@ def test_the_layer_partitions_shapes_and_delays_links_and_leaves_nothing(hosts):
 
 
 def test_three_hosts_gate_client_and_a_node_started_after_the_master_restarted(hosts):
+    """The master listens on an ephemeral port and registers as skymaster with hosta's
+    mapper (which it hosts, being first there); every node is given ``--master
+    skymaster@hosta`` and no port, and finds the restarted master on its new port."""
     net: Network = hosts(3)
     a, b, c = net.hosts
-    master = start_master(a)
-    a1 = start_node(a, 1, "a1", echo="ECHO_A")
-    b1 = start_node(b, 2, "b1", "--service", "simpledb")
+    master = start_master(a, listen=EPHEMERAL)
+    wait_line(master, r"registered as skymaster@hosta with the mapper")
+    first_port = int(wait_line(master, r"skymaster listening on tcp:[\d.]+:(\d+)")[1])
+    a1 = start_node(a, 1, "a1", echo="ECHO_A", master=BY_NAME)
+    b1 = start_node(b, 2, "b1", "--service", "simpledb", master=BY_NAME)
     # c1 advertises its node name: whoever dials it asks hostc's mapper where it is
     c1 = start_node(c, 3, "c1", "--gate", "tcp:8888:interface=127.0.0.1",
-                    "--advertise", "c1@hostc", echo="ECHO_C")
+                    "--advertise", "c1@hostc", echo="ECHO_C", master=BY_NAME)
     for node in (a1, b1, c1):
         joined(node)
 
@@ -325,7 +336,7 @@ def test_three_hosts_gate_client_and_a_node_started_after_the_master_restarted(h
     assert gate(c, "GET", "greeting") == "VALUE hello hosts"
 
     # a node advertises its host's address (the route to the master), not 0.0.0.0
-    table = wait_until(lambda: status(a), "the master's table", WAIT)
+    table = wait_until(lambda: status(a, BY_NAME), "the master's table", WAIT)
     endpoints = {row["name"]: row["endpoint"] for row in table["harbors"]}
     assert endpoints.pop("c1@hostc") == "c1@hostc", table
     assert set(endpoints) == {"a1@hosta", "b1@hostb"}, table
@@ -336,18 +347,22 @@ def test_three_hosts_gate_client_and_a_node_started_after_the_master_restarted(h
     for asker, host in ((c, b), (a, c), (b, a)):
         names = asker.skyproto("names", "--mapper", f"tcp:{host.name}:4369", check=True)
         assert f"name {host.name[-1]}1 at port" in names.stdout, names.stdout
+    listed = b.skyproto("names", "--mapper", "tcp:hosta:4369", check=True).stdout
+    assert f"name skymaster at port {first_port}" in listed, listed
 
-    # the master restarts; every node re-joins; a node started on hostb after that
-    # reaches the old nodes on hosta and hostc (c1 through hostc's mapper)
+    # the master restarts (on another ephemeral port); every node re-joins, asking hosta's
+    # mapper again; a node started on hostb after that reaches the old nodes on hosta and
+    # hostc (c1 through hostc's mapper)
     master.kill()
     restarted = time.time()
-    start_master(a, name="master2")
+    master2 = start_master(a, name="master2", listen=EPHEMERAL)
     listening = time.time()
+    second_port = int(wait_line(master2, r"skymaster listening on tcp:[\d.]+:(\d+)")[1])
     for node in (a1, b1, c1):
         joined(node, times=2)
     rejoined = time.time()
     started = time.time()
-    b2 = start_node(b, 4, "b2", probe="ECHO_A,ECHO_C")
+    b2 = start_node(b, 4, "b2", probe="ECHO_A,ECHO_C", master=BY_NAME)
     joined(b2)
     wait_until(lambda: current(b2, "ECHO_A") == current(b2, "ECHO_C") == "ok",
                "b2 to call ECHO_A on hosta and ECHO_C on hostc", WAIT)
@@ -361,7 +376,9 @@ def test_three_hosts_gate_client_and_a_node_started_after_the_master_restarted(h
     assert gate(c, "GET", "greeting") == "VALUE hello hosts"  # b1 kept its data
     names = b.skyproto("names", check=True).stdout
     assert "name b1 at port" in names and "name b2 at port" in names, names
-    table = wait_until(lambda: status(c), "the new master's table", WAIT)
+    listed = c.skyproto("names", "--mapper", "tcp:hosta:4369", check=True).stdout
+    assert f"name skymaster at port {second_port}" in listed, (first_port, listed)
+    table = wait_until(lambda: status(c, BY_NAME), "the new master's table", WAIT)
     assert {row["name"] for row in table["harbors"]} == {
         "a1@hosta", "b1@hostb", "c1@hostc", "b2@hostb"}, table
     assert table["names"]["SIMPLEDB"] == 0x02000002, table

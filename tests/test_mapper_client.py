@@ -24,6 +24,7 @@ from skyproto.errors import AddressError, ProtocolError
 from skyproto.interfaces import IMapperClient
 from skyproto.mapper.client import MapperClient, MapperRegistration, RegistrationRefusedError
 from skyproto.mapper.epmd import Alive2Response, Alive2XResponse, NamesResponse, Port2Response
+from skyproto.mapper.port import mapper_server_endpoint
 from skyproto.mapper.server import MapperServerFactory
 from skyproto.testing import wait_for
 
@@ -414,13 +415,18 @@ async def until(predicate: Any, seconds: float = 5) -> None:
     await wait_for(predicate, "the condition", seconds, clock=reactor, interval=0.01)
 
 
+#: How a mapper listens: Twisted's own tcp.Port, or the daemon's MapperPort.
+LISTENERS = pytest.mark.parametrize("listener", [serverFromString, mapper_server_endpoint])
+
+
+@LISTENERS
 @pytest_twisted.ensureDeferred
-async def test_client_and_server_over_real_sockets() -> None:
+async def test_client_and_server_over_real_sockets(listener: Any) -> None:
     from twisted.internet import reactor
 
     server = MapperServerFactory(reactor, 0)
     port: IListeningPort = await within(
-        serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(server)
+        listener(reactor, "tcp:0:interface=127.0.0.1").listen(server)
     )
     try:
         server.port = port_of(port)
@@ -463,8 +469,9 @@ async def test_connection_refused_over_real_sockets() -> None:
         await within(client.names())
 
 
+@LISTENERS
 @pytest_twisted.ensureDeferred
-async def test_byte_at_a_time_over_real_sockets() -> None:
+async def test_byte_at_a_time_over_real_sockets(listener: Any) -> None:
     """A raw client trickling its request one byte per write still gets served."""
     from twisted.internet import reactor
     from twisted.internet.endpoints import connectProtocol
@@ -472,7 +479,7 @@ async def test_byte_at_a_time_over_real_sockets() -> None:
 
     server = MapperServerFactory(reactor, 0)
     port: IListeningPort = await within(
-        serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(server)
+        listener(reactor, "tcp:0:interface=127.0.0.1").listen(server)
     )
     try:
         number = port_of(port)

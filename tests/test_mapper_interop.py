@@ -16,12 +16,13 @@ import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 
 from skyproto.mapper.client import MapperClient, RegistrationRefusedError
 from skyproto.mapper.epmd import NamesResponse, Port2Response
+from skyproto.mapper.port import mapper_server_endpoint
 from skyproto.mapper.server import MapperServerFactory
 from skyproto.testing import wait_for
 
@@ -86,10 +87,10 @@ async def until(predicate: Callable[[], bool], seconds: float = 30, what: str = 
 
 
 async def listen_mapper(**options: Any) -> tuple[MapperServerFactory, IListeningPort]:
-    """Our mapper on 127.0.0.1, an ephemeral port, reporting that port in NAMES."""
+    """Our mapper on 127.0.0.1 as the daemon listens (a MapperPort), reporting its port."""
     factory = MapperServerFactory(reactor(), 0, **options)
     port: IListeningPort = await within(
-        serverFromString(reactor(), "tcp:0:interface=127.0.0.1").listen(factory)
+        mapper_server_endpoint(reactor(), "tcp:0:interface=127.0.0.1").listen(factory)
     )
     host = port.getHost()
     assert isinstance(host, IPv4Address)

@@ -504,17 +504,32 @@ def test_calls_in_flight_on_a_duplicate_link_get_their_replies():
     assert a.router.state(2) == b.router.state(1) == "up"
 
 
-def test_parsed_endpoints_are_forgotten_when_peers_move():
-    """Before, the router kept every endpoint string it ever parsed: with tcp:0 each restart
-    of a peer added one."""
+def test_an_endpoint_is_parsed_once_for_every_node_on_a_reactor(monkeypatch):
+    """A full mesh of N nodes in one process parsed each endpoint N-1 times (a plugin
+    lookup each: 65,000 of them at 255 nodes); now once per reactor, and the kept
+    endpoints stay bounded (each restart of a peer on tcp:0 brings a new string)."""
+    from skyproto import endpoints
+
+    parsed = []
+    real = endpoints.clientFromString
+
+    def counting(reactor, description):
+        parsed.append(description)
+        return real(reactor, description)
+
+    monkeypatch.setattr(endpoints, "clientFromString", counting)
     clock = Clock()
-    a = make_node(clock, 1)
+    nodes = [make_node(clock, harbor) for harbor in (1, 2, 3, 4)]
+    for node in nodes:
+        for harbor in (5, 6):
+            node.router.add_peer(harbor, f"loopback:h{harbor}", dial=False)
+    assert sorted(parsed) == ["loopback:h5", "loopback:h6"]
+    assert nodes[0].router.client_endpoint("loopback:h5") is nodes[3].router.client_endpoint(
+        "loopback:h5")
+    monkeypatch.setattr(endpoints, "MAX_PARSED_ENDPOINTS", 10)
     for restart in range(50):
-        a.router.add_peer(2, f"loopback:h2-{restart}", dial=False)
-    a.router.add_peer(3, "loopback:h3", dial=False)
-    assert set(a.router._endpoints) == {"loopback:h2-49", "loopback:h3"}
-    a.router.remove_peer(3, "gone")
-    assert set(a.router._endpoints) == {"loopback:h2-49"}
+        nodes[0].router.add_peer(7, f"loopback:h7-{restart}", dial=False)
+    assert len(endpoints._parsed[clock]) <= 10
 
 
 def test_a_dial_to_a_silent_endpoint_gives_up_at_the_handshake_timeout_and_backs_off_briefly():
@@ -539,3 +554,33 @@ def test_a_dial_to_a_silent_endpoint_gives_up_at_the_handshake_timeout_and_backs
         assert a.router.state(2) == "handshaking"
         clock.advance(5.0)
     assert max(delays) <= 2.0 * 1.2
+
+
+def test_a_node_dials_at_most_max_dials_peers_at_once():
+    """A node told of a whole cluster at once dials a few peers at a time (255 in one
+    process never formed a mesh: every handshake of a wave started in one reactor pass and
+    timed out); the rest wait their turn, and a peer removed while waiting is never dialed."""
+    clock = Clock()
+    hub = make_node(clock, 1)
+    hub.router.max_dials = 3
+    others = [make_node(clock, harbor) for harbor in range(2, 12)]
+    started = []
+    dial_now = hub.router._dial_now
+
+    def counted(core):
+        started.append(core.harbor)
+        return dial_now(core)
+
+    hub.router._dial_now = counted
+    for other in others:
+        hub.add_peer(other.harbor, f"loopback:h{other.harbor}")
+    assert hub.router._dials_in_progress == 3 and len(started) == 3
+    hub.router.remove_peer(11, "gone before its turn")
+    most = 0
+    for _ in range(200):
+        clock.advance(0.01)
+        most = max(most, hub.router._dials_in_progress)
+    assert most <= 3
+    assert sorted(started) == list(range(2, 11))  # 11 was removed while it waited
+    assert all(hub.router.state(h) == "up" for h in range(2, 11))
+    assert hub.router._dials_in_progress == 0 and not hub.router._dial_queue

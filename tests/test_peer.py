@@ -13,6 +13,7 @@ from zope.interface import implementer
 from skyproto.errors import HarborDown, QueueFull
 from skyproto.interfaces import IHarborLink
 from skyproto.node.peer import Peer, PeerCore
+from skyproto.wire.codec import Frame
 
 STATES = ("idle", "dialing", "handshaking", "up", "backoff", "removed")
 
@@ -29,9 +30,10 @@ class FakeLink:
         self.closed: list[str] = []
         self.fail_writes = False
 
-    def write_frame(self, frame: bytes, must: bool) -> None:
+    def write_frame(self, frame: Frame, must: bool) -> None:
         if self.fail_writes:
             raise ConnectionError("transport gone")
+        assert isinstance(frame, bytes)  # these tests send small frames only
         self.frames.append((frame, must))
 
     def send_data(self, source: int, destination: int, session: int, ptype: int,

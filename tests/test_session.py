@@ -102,11 +102,40 @@ def test_no_timeout_means_no_timer():
     assert clock.getDelayedCalls() == []
 
 
-def test_resolving_cancels_the_timer():
+def test_the_deadline_timer_is_armed_once_for_calls_one_after_another():
+    """Sequential calls do not arm and cancel a timer each: the one timer stays, runs once
+    at its deadline, finds nothing due, and is gone."""
+    clock = Clock()
+    table = SessionTable(clock, default_timeout=5)
+    armed = []
+    call_later = clock.callLater
+
+    def counted(*args, **kwargs):
+        armed.append(args)
+        return call_later(*args, **kwargs)
+
+    clock.callLater = counted
+    for n in range(1000):
+        s, d = table.new()
+        table.resolve(s, n)
+        assert outcome(d) == n
+        clock.advance(0.001)
+    assert len(armed) == 1 and len(clock.getDelayedCalls()) == 1
+    clock.advance(5)
+    assert clock.getDelayedCalls() == [] and table.pending == 0
+
+
+def test_a_call_made_after_an_idle_timer_still_times_out():
     clock = Clock()
     table = SessionTable(clock, default_timeout=5)
     s, _ = table.new()
     table.resolve(s, 1)
+    clock.advance(3)
+    _, late = table.new()  # its deadline is after the idle timer's
+    clock.advance(2.1)  # the idle timer runs, finds nothing due, sleeps until ``late``'s
+    assert not late.called
+    clock.advance(3)
+    assert outcome(late).check(CallTimeout)
     assert clock.getDelayedCalls() == []
 
 
@@ -118,8 +147,9 @@ def test_cancel_frees_the_id_and_the_timer():
     assert outcome(d).check(CancelledError)
     assert table.pending == 0
     assert s not in table
-    assert clock.getDelayedCalls() == []
     assert table.fail_all(HarborDown("x"), harbor=3) == 0
+    assert table.fail_all(HarborDown("stopping")) == 0
+    assert clock.getDelayedCalls() == []  # failing everything drops the idle timer too
 
 
 def test_fail_all_filtered_by_harbor():

@@ -148,3 +148,58 @@ async def test_same_protocol_over_every_transport(scheme: str, short_tmp: str) -
         network = network_for(reactor)
         assert not network.listening("transports-echo")
         assert network.connections_to("transports-echo") == ()
+
+
+class Collector(Int32StringReceiver):
+    """Collects echoed frames until it has ``expected`` of them."""
+
+    MAX_LENGTH = 8 * 1024 * 1024
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.replies: list[bytes] = []
+        self.done: Deferred[list[bytes]] = Deferred()
+
+    def stringReceived(self, string: bytes) -> None:
+        self.replies.append(string)
+        if len(self.replies) == self.expected:
+            self.done.callback(self.replies)
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "unix"])
+@pytest_twisted.ensureDeferred
+async def test_send_now_writes_the_socket_at_once_and_keeps_the_order(
+        scheme: str, short_tmp: str) -> None:
+    """send_now skips Twisted's buffer only while it is empty: bytes already buffered go
+    first, and what the socket does not take is buffered behind them."""
+    from skyproto.wire.framing import send_now
+
+    reactor = get_reactor()
+    server_factory = EchoServerFactory()
+    port = await timed(
+        serverFromString(reactor, server_description(scheme, short_tmp)).listen(server_factory))
+    big = os.urandom(900 * 1024)  # more than one send takes (Twisted sends 128 KiB at most)
+    frames = [b"first", b"buffered", b"behind", big, b"last"]
+    framed = [len(f).to_bytes(4, "big") + f for f in frames]
+    collector = Collector(len(frames))
+    try:
+        await timed(clientFromString(reactor, client_description(scheme, short_tmp, port))
+                    .connect(Factory.forProtocol(lambda: collector)))
+        transport: Any = collector.transport
+        send_now(transport, framed[0])
+        assert not transport._tempDataBuffer and not transport.dataBuffer  # on the socket
+        transport.write(framed[1])  # waits in Twisted's buffer for the next turn
+        send_now(transport, framed[2])
+        assert transport._tempDataBuffer == framed[1:3]  # queued behind, not sent ahead
+        send_now(transport, framed[3])  # larger than the socket takes at once
+        send_now(transport, framed[4])
+        assert await timed(collector.done) == frames
+    finally:
+        if collector.transport is not None:
+            cast(Any, collector.transport).abortConnection()
+        for proto in server_factory.protocols:
+            if proto.transport is not None:
+                cast(Any, proto.transport).abortConnection()
+        stopped = port.stopListening()
+        if stopped is not None:
+            await timed(stopped)

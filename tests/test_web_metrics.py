@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
@@ -91,11 +91,11 @@ def test_call_stats_count_by_outcome_with_latency_in_buckets() -> None:
     stats = CallStats(clock)
     started = clock.seconds()
     clock.advance(0.003)
-    assert stats.call_done("reply", started) == "reply"  # passes the result on
+    stats.call_finished(None, started)
     failure = Failure(CallTimeout("late"))
-    assert stats.call_done(failure, started) is failure
+    assert stats.call_failed(failure, started) is failure  # an errback: passes it on
     clock.advance(100)
-    stats.call_done(Failure(RemoteError("ValueError", "no")), started)
+    stats.call_finished(RemoteError("ValueError", "no"), started)
     assert stats.calls == {"ok": 1, "timeout": 1, "remote_error": 1}
     assert stats.calls_finished == 3
     three_ms = LATENCY_BUCKETS.index(0.005)  # 0.003 s lands in the bucket of le=0.005
@@ -168,6 +168,29 @@ def test_node_metrics_move_with_calls_sends_and_failures(cluster: InMemoryCluste
     assert value(after, "skyproto_names", scope="local") == 0
     assert value(after, "skyproto_cluster_harbors") == 1
     assert value(after, "skyproto_cluster_names") == 3  # ECHO, PARKED, BROKEN
+
+
+def test_every_call_is_counted_once_whichever_way_it_ends(cluster: InMemoryCluster) -> None:
+    """The session table counts calls that got a session; the node counts those that ended
+    before one (no such name, a lookup that failed); a call by a name looked up first is
+    counted once, not by both."""
+    parked = Parked()
+    a = cluster.add_node(1)
+    cluster.add_node(2, [parked, Echo()])
+    del a.membership.names["ECHO"]  # the next call asks the master first
+    looked_up = a.call("ECHO", "hello")
+    cancelled = a.call("PARKED", 1)
+    cluster.settle()
+    cancelled.cancel()
+    a.master = None  # without a master a missing name fails at once
+    missing = a.call("NOBODY", 1)
+    cluster.settle()
+    assert outcome(looked_up) == "hello"
+    assert outcome(cancelled).check(CancelledError)
+    assert outcome(missing).check(NoSuchService)
+    assert a.stats.calls == {"ok": 1, "cancelled": 1, "no_such_service": 1}
+    assert sum(a.stats.latency_buckets) == 3
+    assert a.sessions.pending == 0
 
 
 def test_link_silence_grows_while_the_peer_is_quiet(cluster: InMemoryCluster) -> None:

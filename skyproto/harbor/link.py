@@ -26,11 +26,14 @@ from ..errors import AuthenticationFailed, FrameTooLarge, HarborDown, ProtocolEr
 from ..interfaces import IHarborLink, IMessageSink
 from ..wire.codec import (
     DATA_HEADER,
+    Frame,
     FrameKind,
+    PayloadType,
+    SplitFrame,
     decode_data_header,
     decode_payload,
-    encode_cbor,
-    encode_data_frame,
+    decode_payload_parts,
+    encode_data_message,
 )
 from ..wire.framing import (
     DEFAULT_MAX_FRAME,
@@ -58,6 +61,11 @@ HANDSHAKE_MAX_FRAME = 4096
 #: piece bytes written past the transport's own mark (see HarborLink._piece_window)
 PIECE_WINDOW = 256 * 1024
 _HEADER_SIZE = DATA_HEADER.size
+_unpack_header = DATA_HEADER.unpack_from
+_SESSION_MIN = -(2**31)
+_MAX_PTYPE = max(PayloadType)
+#: payloads of frames this long are decoded from a view, not a copy
+_VIEW_FROM = 64 * 1024
 
 
 @attrs.frozen
@@ -123,6 +131,7 @@ class HarborLink(FrameProtocol):
         self._batch: list[bytes] | None = None
         self._batch_size = 0
         self._data_received = sink.data_received
+        self._harbor = config.harbor
         #: this node's load, told to the peer in every heartbeat
         self._load = load
         #: the peer's load, as its last heartbeat said
@@ -130,12 +139,15 @@ class HarborLink(FrameProtocol):
         #: large messages waiting to go, a piece at a time, and those arriving
         self._pieces = PieceScheduler(self._write_piece, config.piece_bytes, config.max_message)
         self._assembler = PieceAssembler(config.max_message)
+        #: a framed message up to this long goes whole (one test per message, not two)
+        self._small_frame = 4 + min(config.piece_bytes, config.max_message)
         #: piece bytes that may still go into a transport that said it is full: a pipe kept
         #: this full keeps the socket busy, and a small message waits behind at most this
         self._piece_window = PIECE_WINDOW
 
     @property
     def local_harbor(self) -> int:
+        """This node's harbor id (the local end of the link)."""
         return self.config.harbor
 
     @property
@@ -146,6 +158,7 @@ class HarborLink(FrameProtocol):
     # --- Twisted protocol --------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        """Register the link, start the handshake timer, and (dialing) send our hello."""
         super().connectionMade()
         if self.registry is not None:
             self.registry.add(self)
@@ -155,6 +168,8 @@ class HarborLink(FrameProtocol):
             self._send_control(hello)
 
     def dataReceived(self, data: bytes) -> None:
+        """Bytes from the peer: a sign of life; replies made while handling them go out in one
+        write."""
         # Liveness counts bytes, not whole frames: part of a large frame is a sign of life.
         self._heartbeat.heard()
         # Replies made while handling these frames go out in one write, not one per frame.
@@ -166,9 +181,10 @@ class HarborLink(FrameProtocol):
         finally:
             self._batch = None
             if batch and self.transport is not None:
-                self.write_frames(batch)
+                self.write_frames(batch, now=True)
 
     def transport_drained(self) -> None:
+        """The peer takes our bytes again: alive, and queued pieces may flow."""
         # The peer is taking our bytes: alive, even while we do not read it.
         self._heartbeat.heard()
         super().transport_drained()
@@ -177,22 +193,27 @@ class HarborLink(FrameProtocol):
             self._pieces.pump()
 
     def frame_received(self, frame: bytes) -> None:
+        """One frame: a data message (checked and delivered on the fast path), a piece, or a control
+        message for the handshake or the link."""
         if frame and frame[0] == _DATA and self.up:
-            source, destination, session, ptype = decode_data_header(frame)
-            if source >> 24 != self.peer_harbor or destination >> 24 != self.config.harbor:
+            if len(frame) < _HEADER_SIZE:
+                decode_data_header(frame)  # raises, saying what is wrong
+            _, source, destination, session, ptype = _unpack_header(frame)
+            if session == _SESSION_MIN or ptype > _MAX_PTYPE:
+                decode_data_header(frame)
+            if source >> 24 != self.peer_harbor or destination >> 24 != self._harbor:
                 self._misrouted(source, destination)
             try:
-                payload = decode_payload(frame[_HEADER_SIZE:])
+                payload = decode_payload(frame[_HEADER_SIZE:] if len(frame) < _VIEW_FROM
+                                         else memoryview(frame)[_HEADER_SIZE:])
             except ProtocolError as e:
                 self.sink.bad_payload(self, source, destination, session, e)
                 return
             self._data_received(self, source, destination, session, ptype, payload)
         elif frame and frame[0] == PIECE and self.up:
-            body = self._assembler.receive(frame)
-            if body is not None:
-                if body[:1] != bytes([_DATA]):
-                    raise ProtocolError("a message in pieces that is not a data message")
-                self.frame_received(body)
+            parts = self._assembler.receive_parts(frame)
+            if parts is not None:
+                self._data_in_pieces(parts)
         elif frame and frame[0] == FrameKind.CONTROL:
             self._control_received(HARBOR_CODEC.decode(frame[1:]))
         elif not frame:
@@ -202,7 +223,26 @@ class HarborLink(FrameProtocol):
         else:
             raise ProtocolError(f"unknown frame kind {frame[0]}")
 
+    def _data_in_pieces(self, parts: list[memoryview]) -> None:
+        """A data message that came in pieces: checked as one would be, its payload copied
+        once out of the pieces (the first piece holds the whole header: pieces are at least
+        1024 bytes)."""
+        first = parts[0]
+        if first[:1] != bytes([_DATA]):
+            raise ProtocolError("a message in pieces that is not a data message")
+        source, destination, session, ptype = decode_data_header(first)
+        if source >> 24 != self.peer_harbor or destination >> 24 != self._harbor:
+            self._misrouted(source, destination)
+        try:
+            payload = decode_payload_parts([first[_HEADER_SIZE:], *parts[1:]])
+        except ProtocolError as e:
+            self.sink.bad_payload(self, source, destination, session, e)
+            return
+        self._data_received(self, source, destination, session, ptype, payload)
+
     def plain_frame_before_sealed(self, frame: bytes) -> None:
+        """A plain frame where a sealed record was due: a peer's LinkRefused in the clear says why
+        it refused us; anything else drops the link."""
         # The peer refused our proof before it had keys: it says so in the clear.
         try:
             message = (HARBOR_CODEC.decode(frame[1:])
@@ -221,6 +261,8 @@ class HarborLink(FrameProtocol):
                             f"({self.config.harbor}): links carry no transit")
 
     def connectionLost(self, reason: Failure = _CLOSED) -> None:
+        """The link is gone: stop its timers, drop what it queued, and tell the router (pending
+        calls fail there)."""
         if self.registry is not None:
             self.registry.discard(self)
         if self._timer is not None and self._timer.active():
@@ -247,14 +289,19 @@ class HarborLink(FrameProtocol):
 
     def send_data(self, source: int, destination: int, session: int, ptype: int,
                   payload: Any) -> None:
-        self.write_frame(encode_data_frame(source, destination, session, ptype,
-                                           encode_cbor(payload)), session > 0)
+        """Send one data message (a request with a session that expects a reply must not be refused
+        for a full queue)."""
+        self.write_frame(encode_data_message(source, destination, session, ptype, payload),
+                         session > 0)
 
-    def write_frame(self, frame: bytes, must: bool) -> None:
-        if len(frame) - 4 > self.config.max_message:
-            raise FrameTooLarge(len(frame) - 4, self.config.max_message)
+    def write_frame(self, frame: Frame, must: bool) -> None:
+        """Write one data frame, in pieces if it is large or a large one is on its way;
+        FrameTooLarge over the message limit, QueueFull when ``must`` is false and the queue is
+        full."""
         pieces = self._pieces
-        if pieces.is_large(frame) or pieces.waits_behind(frame):
+        if len(frame) > self._small_frame or (pieces.lanes and pieces.waits_behind(frame)):
+            if len(frame) - 4 > self.config.max_message:
+                raise FrameTooLarge(len(frame) - 4, self.config.max_message)
             if not must and pieces.queued + self.held_bytes > self.max_outbound:
                 raise QueueFull(f"{pieces.queued + self.held_bytes} bytes already wait for "
                                 f"a slow peer (limit {self.max_outbound})")
@@ -262,12 +309,14 @@ class HarborLink(FrameProtocol):
             if self._writable():
                 pieces.pump()
             return
+        if isinstance(frame, SplitFrame):  # small enough to go whole on this link
+            frame = frame.joined()
         batch = self._batch
         if batch is None:
             self.write_bytes(frame, must)
             return
-        if not must:
-            self.check_room(len(frame))
+        if not must and self.held_bytes + len(frame) > self.max_outbound:
+            self.check_room(len(frame))  # raises QueueFull
         batch.append(frame)
         self._batch_size += len(frame)
         if self._batch_size >= WRITE_CHUNK:
@@ -292,6 +341,7 @@ class HarborLink(FrameProtocol):
         return self._writable()
 
     def retire(self, reason: str) -> None:
+        """Close this duplicate link (the peer keeps the other one), saying why with LinkRetired."""
         if self.retired or self.transport is None:
             return
         self.retired = True
@@ -303,6 +353,8 @@ class HarborLink(FrameProtocol):
         self._timer = self.clock.callLater(self.config.handshake_timeout, self._retire_late)
 
     def close(self, reason: str) -> None:
+        """Close the link for ``reason``, telling the peer why; its pending calls fail with
+        HarborDown."""
         self.log.info("closing link to harbor {peer}: {reason}", peer=self.peer_harbor,
                       reason=reason)
         self._lost_reason = HarborDown(reason)
@@ -315,10 +367,12 @@ class HarborLink(FrameProtocol):
     # --- congestion (FrameProtocol hooks) -----------------------------------------------
 
     def outbound_congested(self) -> None:
+        """Our queue to the peer passed its mark: tell the router (it stops reading feeders)."""
         if self.up:
             self.sink.link_congested(self)
 
     def outbound_drained(self) -> None:
+        """Our queue to the peer drained: tell the router (feeders are read again)."""
         if self.up:
             self.sink.link_drained(self)
 
@@ -426,6 +480,7 @@ class HarborLinkFactory(Factory):
     load: Callable[[], int] | None = None
 
     def buildProtocol(self, addr: object) -> HarborLink:
+        """A new link with this factory's configuration, sink and expectations."""
         return HarborLink(self.config, self.sink, self.clock, self.dialer, self.expect_harbor,
                           self.registry, self.expect_incarnation, self.load)
 

@@ -16,6 +16,7 @@ import ipaddress
 import socket
 from collections.abc import Callable, Mapping
 from typing import Final
+from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -27,6 +28,9 @@ from twisted.python.failure import Failure
 from .epmd import (
     KILL_NO,
     KILL_OK,
+    MAX_REQUEST_LENGTH,
+    NAMES_REQ,
+    PORT_PLEASE2_REQ,
     STOP_NOEXIST,
     STOP_STOPPED,
     Alive2RefusedError,
@@ -40,6 +44,7 @@ from .epmd import (
     RequestReader,
     StopRequest,
     alive2_reply,
+    decode_request,
     encode_dump_reply,
     encode_names_reply,
     encode_reply,
@@ -49,6 +54,7 @@ from .table import MapperTable
 __all__ = [
     "DEFAULT_PACKET_TIMEOUT",
     "RELAXED_ENV",
+    "IdleWatched",
     "MapperCounters",
     "MapperServerFactory",
     "MapperServerProtocol",
@@ -69,6 +75,16 @@ _READING: Final = "reading"
 _REGISTERED: Final = "registered"
 _REFUSED: Final = "refused"
 _CLOSING: Final = "closing"
+
+
+class IdleWatched(TypingProtocol):
+    """A connection the factory's sweep may time out while it waits for its request."""
+
+    #: the whole second of its last activity (epmd's ``mod_time``)
+    last_activity: int
+
+    def timed_out(self) -> None:
+        """Idle past the packet timeout: close, count and log it."""
 
 
 def relaxed_from_environ(environ: Mapping[str, str]) -> bool:
@@ -152,6 +168,7 @@ class MapperServerProtocol(Protocol):
         self._kill_requested = False
 
     def connectionMade(self) -> None:
+        """A new connection: note its activity and whether it comes from this host."""
         # Kept lean: a mapper serves many one-request connections. No TCP_NODELAY: every
         # reply is a single write followed by a close, so Nagle never holds anything back.
         self._reader.local = self._is_local
@@ -174,6 +191,8 @@ class MapperServerProtocol(Protocol):
         return "?" if transport is None else describe_address(transport.getPeer())
 
     def dataReceived(self, data: bytes) -> None:
+        """Bytes of a request: answered once whole; a malformed or refused one closes the
+        connection."""
         state = self.state
         if state is _READING:
             self.last_activity = self.factory.whole_seconds()  # epmd: "Note activity"
@@ -195,6 +214,7 @@ class MapperServerProtocol(Protocol):
         # _CLOSING: the request was answered; the connection is on its way out.
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The connection ended: its registration (if any) goes with it."""
         self._release()
         self.state = _CLOSING
         self.factory.connection_closed(self)
@@ -301,6 +321,15 @@ class MapperServerProtocol(Protocol):
         assert self.transport is not None
         self.transport.loseConnection()
 
+    def finish_reply(self, rest: bytes) -> None:
+        """Send the end of a reply the listening port began (see ``MapperPort``), then close.
+
+        The request is counted here, the connection in :meth:`connectionMade` as usual.
+        """
+        self.factory.request_received(self)
+        self.factory.counters.requests += 1
+        self._answer(rest)
+
     def timed_out(self) -> None:
         """The factory's sweep found this connection idle past packet_timeout seconds."""
         if self.state is _READING:
@@ -372,12 +401,51 @@ class MapperServerFactory(Factory):
         self._serial = 0
         # Connections still reading their request, swept for idleness like epmd does:
         # every second if packet_timeout < 5, else every 5 seconds.
-        self._reading: set[MapperServerProtocol] = set()
+        self._reading: set[IdleWatched] = set()
         self._sweep_interval = 1.0 if self.packet_timeout < _IDLE_CHECK else float(_IDLE_CHECK)
         self._sweeper: IDelayedCall | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> MapperServerProtocol:
+        """One connection of the mapper."""
         return MapperServerProtocol(self)
+
+    def fast_reply(self, data: bytes) -> bytes | None:
+        """The whole reply to ``data`` if it is one complete PORT_PLEASE2_REQ or NAMES_REQ.
+
+        For :class:`skyproto.mapper.port.MapperPort`, which answers such connections without
+        building a protocol: ``data`` is everything read from a new connection. Nothing is
+        counted (see :meth:`answered_fast`). None means anything else (incomplete,
+        malformed, another request, more bytes than the request): the caller hands the
+        connection and ``data`` to a :class:`MapperServerProtocol`, which does what it
+        always does (neither request needs the local-peer check).
+        """
+        size = len(data)
+        if size < 3:
+            return None
+        length = (data[0] << 8) | data[1]
+        if length + 2 != size or length > MAX_REQUEST_LENGTH:
+            return None
+        opcode = data[2]
+        if opcode == PORT_PLEASE2_REQ:
+            reply = self.table.port2_reply_by_bytes(data[3:])
+            if reply is None:  # not registered (or needs decoding: a trailing NUL, bad bytes)
+                try:
+                    request = decode_request(data[2:])
+                except EpmdError:
+                    return None
+                assert isinstance(request, PortPlease2Request)
+                reply = self.table.port2_reply(request.name)
+        elif opcode == NAMES_REQ:
+            reply = encode_names_reply(self.port, self.table.name_ports())
+        else:
+            return None
+        return reply
+
+    def answered_fast(self) -> None:
+        """Count a connection answered (all of the reply sent) and closed by the port."""
+        counters = self.counters
+        counters.connections += 1
+        counters.requests += 1
 
     def descriptor(self, transport: object) -> int:
         """The socket's file descriptor (shown by DUMP), or a serial number for non-sockets."""
@@ -394,17 +462,23 @@ class MapperServerFactory(Factory):
         return int(self.clock.seconds())
 
     def connection_opened(self, protocol: MapperServerProtocol) -> None:
+        """Count a new connection and watch it for idleness."""
         self.counters.connections += 1
         self.connections.add(protocol)
-        self._reading.add(protocol)
+        self.watch_idle(protocol)
+
+    def watch_idle(self, connection: IdleWatched) -> None:
+        """Time ``connection`` out if it stays idle (until :meth:`request_received`)."""
+        self._reading.add(connection)
         if self._sweeper is None:
             self._sweeper = self.clock.callLater(self._sweep_interval, self._sweep)
 
-    def request_received(self, protocol: MapperServerProtocol) -> None:
-        """``protocol`` is done reading: it is no longer subject to the idle timeout."""
-        self._reading.discard(protocol)
+    def request_received(self, connection: IdleWatched) -> None:
+        """``connection`` is done reading: it is no longer subject to the idle timeout."""
+        self._reading.discard(connection)
 
     def connection_closed(self, protocol: MapperServerProtocol) -> None:
+        """Forget a connection that ended."""
         self.connections.discard(protocol)
         self._reading.discard(protocol)
 
@@ -425,6 +499,7 @@ class MapperServerFactory(Factory):
             sweeper.cancel()
 
     def node_registered(self, name: str, protocol: MapperServerProtocol) -> None:
+        """Remember which connection holds the registration of ``name``."""
         self._nodes[name] = protocol
 
     def node_unregistered(self, name: str, protocol: MapperServerProtocol) -> None:

@@ -101,6 +101,8 @@ class MapperTable:
         self._memory = memory
         self._live: dict[str, _Live] = {}
         self._old: OrderedDict[str, _Remembered] = OrderedDict()
+        #: UTF-8 name -> its PORT2_RESP, for lookups straight from the request's bytes
+        self._by_bytes: dict[bytes, bytes] = {}
 
     def __len__(self) -> int:
         return len(self._live)
@@ -132,6 +134,7 @@ class MapperTable:
         registration = Registration(name, port, node_type, protocol, high, low, extra, creation)
         port2_reply = encode_reply(registration.to_port2())
         self._live[name] = _Live(registration, counter, fd, port2_reply)
+        self._by_bytes[name.encode("utf-8")] = port2_reply
         return registration
 
     def unregister(self, name: str) -> bool:
@@ -139,6 +142,7 @@ class MapperTable:
         live = self._live.pop(name, None)
         if live is None:
             return False
+        del self._by_bytes[name.encode("utf-8")]
         if self._memory:
             self._old[name] = _Remembered(live.counter, live.registration.port, live.fd)
             while len(self._old) > self._memory:
@@ -154,6 +158,13 @@ class MapperTable:
         """The PORT2_RESP bytes for ``name`` (encoded once, at registration)."""
         live = self._live.get(name)
         return _PORT2_ERROR if live is None else live.port2_reply
+
+    def port2_reply_by_bytes(self, raw: bytes) -> bytes | None:
+        """The PORT2_RESP bytes for the live name whose UTF-8 is exactly ``raw``, or None.
+
+        None says nothing about validity: decode the name and use :meth:`port2_reply`.
+        """
+        return self._by_bytes.get(raw)
 
     def names(self) -> list[Registration]:
         """Every live registration, newest first (as real epmd lists them)."""

@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..auth import check_secret
+from ..endpoints import is_node_name
 from ..errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -46,8 +47,11 @@ from ..errors import (
     MasterUnavailable,
     NameConflict,
     ProtocolError,
+    ServicesUnavailable,
 )
 from ..interfaces import IMasterClient, IMasterListener
+from ..mapper.extra import ROLE_MASTER
+from ..node.resolver import NodeEndpoint, NodeNotFound, NodeResolver
 from ..session import SessionTable
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameProtocol
 from ..wire.heartbeat import HeartbeatTimer, HeartbeatTiming
@@ -58,12 +62,18 @@ from .messages import (
     GetTable,
     JoinGroup,
     LeaveGroup,
+    ListServices,
     LookupName,
     MasterHeartbeat,
+    QueryServices,
     Refused,
     Reply,
+    ServiceInfo,
+    ServicesReply,
+    ServicesReport,
     TableReply,
     UnbindName,
+    Watch,
     Welcome,
 )
 from .records import groups_table
@@ -81,6 +91,8 @@ from .registry import (
 
 _BEAT = MASTER_CODEC.encode(MasterHeartbeat())
 NameRefused = Callable[[str, int, str], object]
+#: what a node answers the master's QueryServices with (``skyproto services``)
+DescribeServices = Callable[[], Sequence[ServiceInfo]]
 
 
 class _QuietFactory(Factory):
@@ -158,26 +170,39 @@ class BoundedEndpoint:
         return self.masters[self._next % len(self.masters)][1]
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        """Dial the next master, failing after ``bound`` seconds; a failed attempt is logged with
+        its series."""
         attempt = self._client._new_attempt()
         self.current, endpoint = self.masters[self._next % len(self.masters)]
         self._next += 1
         connecting: Deferred[IProtocol] = endpoint.connect(
             _AttemptFactory(factory, self._client, attempt))
         connecting.addTimeout(self.bound, self.clock)
-        return connecting.addErrback(self._client._connect_failed, self.current, self.bound)
+        return connecting.addErrback(self._client._connect_failed, self.current, self.bound,
+                                     endpoint)
 
 
 def _master_endpoints(reactor: Any, endpoint: str | IStreamClientEndpoint | Sequence[str],
+                      resolver: NodeResolver | None = None,
                       ) -> list[tuple[str, IStreamClientEndpoint]]:
+    """(description, endpoint) of every master: an endpoint string, or ``name@host``, a
+    :class:`NodeEndpoint` that asks ``host``'s mapper (through ``resolver``; default one
+    on the mapper port 4369) at every attempt."""
     if isinstance(endpoint, str):
         descriptions: Sequence[str] = [endpoint]
     elif isinstance(endpoint, Sequence):
         descriptions = endpoint
     else:
         return [(type(endpoint).__name__, endpoint)]
-    masters = []
+    masters: list[tuple[str, IStreamClientEndpoint]] = []
     for description in descriptions:
         try:
+            if is_node_name(description):
+                if resolver is None:
+                    resolver = NodeResolver(reactor)
+                masters.append((description, NodeEndpoint(reactor, resolver, description,
+                                                          role=ROLE_MASTER)))
+                continue
             masters.append((description, clientFromString(reactor, description)))
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigurationError(f"bad master endpoint {description!r}: {e}") from None
@@ -204,6 +229,8 @@ class MasterClientProtocol(FrameProtocol):
         self._deadline: Any = None
 
     def connectionMade(self) -> None:
+        """Start the heartbeat and the attempt's deadline, and send MasterHello (unless the attempt
+        was given up meanwhile)."""
         super().connectionMade()
         if not self.client._attempt_alive(self.attempt):
             self.drop("connected after the attempt was given up", quiet=True)
@@ -215,13 +242,17 @@ class MasterClientProtocol(FrameProtocol):
         self.send(self.handshake.start())
 
     def send(self, message: object) -> None:
+        """Encode and send one master protocol message."""
         self.send_frame(MASTER_CODEC.encode(message))
 
     def dataReceived(self, data: bytes) -> None:
+        """Bytes from the master: a sign of life."""
         self._heartbeat.heard()  # every byte is a sign of life, not just whole frames
         super().dataReceived(data)
 
     def frame_received(self, frame: bytes) -> None:
+        """One message from the master: the handshake, replies to requests, pushed events, or a
+        QueryServices to answer."""
         message = MASTER_CODEC.decode(frame)
         if isinstance(message, MasterHeartbeat):
             return
@@ -251,10 +282,12 @@ class MasterClientProtocol(FrameProtocol):
                     client._from(self, client._machine.proven)
             elif isinstance(outcome, Welcomed):
                 client._from(self, client._machine.welcomed, outcome.welcome)
-        elif isinstance(message, Reply | TableReply):
+        elif isinstance(message, Reply | TableReply | ServicesReply):
             if isinstance(message, TableReply):
                 client.store = message.store
             client._requests.resolve(message.request, message)
+        elif isinstance(message, QueryServices) and client.join is not None:
+            self.send(ServicesReport(message.query, client.services_now()))
         elif isinstance(message, HarborJoined | HarborLeft | NameBound | NameUnbound |
                         GroupJoined | GroupLeft):
             client._from(self, client._machine.event, message)
@@ -282,11 +315,15 @@ class MasterClientProtocol(FrameProtocol):
             self.drop(f"the master is silent for {quiet:.1f} s")
 
     def drop(self, reason: str, quiet: bool = False) -> None:
+        """Abort the connection, logging why (quietly before the master proved the secret: the
+        attempt's series is logged instead)."""
         # before the master proved the secret, the attempt's failure is logged with its
         # series (connectionLost), not once per attempt
         super().drop(reason, quiet or not self.proven)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """The connection ended: an attempt that never got a welcome is counted as failed, and the
+        client reconnects."""
         self._heartbeat.stop()
         self._stop_deadline()
         client = self.client
@@ -373,12 +410,14 @@ class MasterClient:
         max_frame: int = DEFAULT_MAX_FRAME,
         rng: random.Random | None = None,
         connect_timeout: float = 5.0,
+        resolver: NodeResolver | None = None,
         on_name_refused: NameRefused | None = None,
         groups_to_assert: Callable[[], Mapping[str, Collection[int]]] = dict,
+        describe_services: DescribeServices | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
-        masters = _master_endpoints(reactor, endpoint)
+        masters = _master_endpoints(reactor, endpoint, resolver)
         self.secret = check_secret(secret)
         self.listener = listener
         self.join = join
@@ -387,6 +426,8 @@ class MasterClient:
         self.on_name_refused = on_name_refused
         #: the node's service group memberships now (group -> handles on its harbor)
         self.groups_to_assert = groups_to_assert
+        #: the node's services now, for the master's QueryServices (none if not given)
+        self.describe_services = describe_services
         self.request_timeout = request_timeout
         #: each attempt (connect and handshake) must be done within this many seconds
         self.connect_timeout = connect_timeout
@@ -441,9 +482,11 @@ class MasterClient:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start connecting, and keep connected (reconnecting with backoff)."""
         self._feed(self._machine.start)
 
     def stop(self) -> Deferred[None]:
+        """Stop for good: close the connection, fail what waits for the master."""
         self._feed(self._machine.stop)
         if self.current is not None:  # closed our way first: see close_connection
             self.current.close_connection()
@@ -494,6 +537,7 @@ class MasterClient:
                              timeout).addBoth(done).addCallback(lambda reply: None)
 
     def unregister_name(self, name: str, timeout: float | None = None) -> Deferred[None]:
+        """Fires once the master removed ``name`` (ours); NameConflict if it refused."""
         return self._request(lambda request: UnbindName(request, name), timeout).addCallback(
             lambda reply: None)
 
@@ -507,6 +551,7 @@ class MasterClient:
             lambda reply: reply.handle or None)
 
     def get_table(self, timeout: float | None = None) -> Deferred[Table]:
+        """The master's whole table, as it answers now."""
         return self._request(lambda request: GetTable(request), timeout).addCallback(
             lambda reply: reply.table)
 
@@ -534,6 +579,40 @@ class MasterClient:
         in it); NameConflict if it refused, MasterUnavailable as for ``join_group``."""
         return self._request(lambda request: LeaveGroup(request, group, handle),
                              timeout).addCallback(lambda reply: None)
+
+    def list_services(self, harbor: int, timeout: float | None = None,
+                      ) -> Deferred[ServicesReply]:
+        """Harbor ``harbor``'s services, as its node tells the master (an observer's
+        request: ``skyproto services``). ServicesUnavailable with the master's reason if
+        the harbor is not in its table or its node did not answer, MasterUnavailable if no
+        master answered within ``timeout`` (default: the request timeout). The master
+        waits for the node for at most 80 % of what is left, so its answer comes first."""
+        budget = self.request_timeout if timeout is None else timeout
+        deadline = self.clock.seconds() + budget
+
+        def ask(request: int) -> ListServices:
+            return ListServices(request, harbor,
+                                max(0.0, (deadline - self.clock.seconds()) * 0.8))
+
+        return self._request(ask, budget)
+
+    def watch(self, timeout: float | None = None) -> Deferred[Table]:
+        """Ask the master (as an observer) for the whole table and then every change: each
+        arrives at the listener's ``master_event`` (in sequence; a gap fetches the table
+        again, which arrives at ``master_table``). Fires with the table."""
+        def watching(reply: TableReply) -> Table:
+            self.dense = reply.store == "memory"  # etcd's revisions have holes
+            self._replace(reply.table)
+            return reply.table
+
+        watched: Deferred[Table] = self._request(Watch, timeout).addCallback(watching)
+        return watched
+
+    def services_now(self) -> tuple[ServiceInfo, ...]:
+        """What this node answers a QueryServices with: its services as described now."""
+        if self.describe_services is None:
+            return ()
+        return tuple(self.describe_services())
 
     def table(self) -> Table:
         """The master's view as this client knows it now."""
@@ -596,9 +675,12 @@ class MasterClient:
         return self.when_up(budget).addCallback(send).addCallback(self._check_reply)
 
     @staticmethod
-    def _check_reply(reply: Reply | TableReply) -> Reply | TableReply:
+    def _check_reply(reply: Reply | TableReply | ServicesReply,
+                     ) -> Reply | TableReply | ServicesReply:
         if isinstance(reply, Reply) and reply.error:
             raise NameConflict(reply.error)
+        if isinstance(reply, ServicesReply) and reply.error:
+            raise ServicesUnavailable(reply.error)
         return reply
 
     # --- attempts ----------------------------------------------------------------------
@@ -622,14 +704,25 @@ class MasterClient:
             return self.connect_timeout
         return started + self.connect_timeout - self.clock.seconds()
 
-    def _connect_failed(self, failure: Failure, master: str, bound: float) -> Failure:
-        """An attempt that did not even connect: say why, with its series."""
-        if failure.check(ConnectionRefusedError):
+    def _connect_failed(self, failure: Failure, master: str, bound: float,
+                        endpoint: object = None) -> Failure:
+        """An attempt that did not even connect: say why, with its series (for a
+        ``name@host`` master, what the mapper said, or where it pointed)."""
+        stage = endpoint.stage if isinstance(endpoint, NodeEndpoint) else None
+        resolved = endpoint.resolved if isinstance(endpoint, NodeEndpoint) else None
+        if failure.check(NodeNotFound):
+            kind = f"mapper: {getattr(failure.value, 'kind', '?')}"
+            reason = failure.getErrorMessage()
+        elif failure.check(ConnectionRefusedError):
             kind, reason = "refused", "connection refused"
+            if resolved is not None:
+                reason += f" at {resolved}, where the mapper said it listens"
         elif failure.check(TimeoutError, ConnectingCancelledError, CancelledError):
             if not self._service.running:
                 return failure  # stopping: not a failure of the master
             kind, reason = "timeout", f"no connection within {bound:g} s (timed out)"
+            if stage is not None:
+                reason = f"no connection within {bound:g} s (timed out {stage})"
         else:
             kind, reason = type(failure.value).__name__, failure.getErrorMessage()
         self._attempt_failed(master, kind, reason)

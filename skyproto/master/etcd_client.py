@@ -66,6 +66,8 @@ class EtcdError(SkyprotoError):
 
     @property
     def retryable(self) -> bool:
+        """Whether trying again later may succeed (no answer, or a gRPC code for a transient
+        failure)."""
         return self.code is None or self.code in RETRYABLE_CODES
 
 
@@ -77,22 +79,27 @@ class HTTPResponse(Protocol):
     """What this module reads of a response (twisted.web's IResponse, treq's _Response)."""
 
     @property
-    def code(self) -> int: ...
+    def code(self) -> int:
+        """The HTTP status code."""
 
-    def deliverBody(self, protocol: Any) -> None: ...
+    def deliverBody(self, protocol: Any) -> None:
+        """Stream the body into ``protocol``."""
 
 
 class HTTPClient(Protocol):
     """The injected HTTP client: treq's ``HTTPClient`` (or a test's stand-in)."""
 
-    def request(self, method: str, url: str, *, data: bytes, headers: Any) -> Deferred[Any]: ...
+    def request(self, method: str, url: str, *, data: bytes, headers: Any) -> Deferred[Any]:
+        """Send one HTTP request; fires with its response."""
 
 
 def b64(data: bytes) -> str:
+    """Bytes as etcd's JSON gateway wants them: base64 text."""
     return base64.b64encode(data).decode("ascii")
 
 
 def unb64(text: str | None) -> bytes:
+    """Base64 text from etcd's JSON gateway as bytes (absent: empty)."""
     return base64.b64decode(text) if text else b""
 
 
@@ -120,6 +127,8 @@ def prefix_end(prefix: bytes) -> bytes:
 
 @attrs.frozen
 class KeyValue:
+    """One etcd key-value with its revisions and lease."""
+
     key: bytes
     value: bytes = b""
     create_revision: int = 0
@@ -129,6 +138,7 @@ class KeyValue:
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> KeyValue:
+        """A key-value from the gateway's JSON (absent fields are 0 or empty)."""
         return cls(unb64(data.get("key")), unb64(data.get("value")),
                    _int(data.get("create_revision")), _int(data.get("mod_revision")),
                    _int(data.get("version")), _int(data.get("lease")))
@@ -136,6 +146,8 @@ class KeyValue:
 
 @attrs.frozen
 class WatchEvent:
+    """One change a watch reports: a PUT or a DELETE of a key-value."""
+
     kind: str  # "PUT" or "DELETE"
     kv: KeyValue
 
@@ -153,6 +165,7 @@ class WatchResponse:
 
     @classmethod
     def parse(cls, result: Mapping[str, Any]) -> WatchResponse:
+        """A watch response from the gateway's JSON."""
         events = tuple(WatchEvent(str(e.get("type", "PUT")), KeyValue.parse(e.get("kv", {})))
                        for e in result.get("events", ()))
         return cls(_int(result.get("header", {}).get("revision")), bool(result.get("created")),
@@ -162,6 +175,8 @@ class WatchResponse:
 
 @attrs.frozen
 class TxnResult:
+    """The outcome of a transaction: which branch ran, at what revision, and its responses."""
+
     succeeded: bool
     revision: int
     responses: tuple[Mapping[str, Any], ...]
@@ -180,6 +195,8 @@ def absent(key: bytes) -> dict[str, Any]:
 
 
 def created_at(key: bytes, revision: int, equal: bool = True) -> dict[str, Any]:
+    """A transaction comparison: ``key`` was created at ``revision`` (``equal``) or not; revision 0
+    means the key does not exist."""
     return {"key": b64(key), "target": "CREATE", "result": "EQUAL" if equal else "NOT_EQUAL",
             "create_revision": str(revision)}
 
@@ -190,6 +207,7 @@ def modified_at(key: bytes, revision: int) -> dict[str, Any]:
 
 
 def put(key: bytes, value: bytes, lease: int = 0) -> dict[str, Any]:
+    """A transaction operation: put ``value`` at ``key``, under ``lease`` if not 0."""
     request: dict[str, Any] = {"key": b64(key), "value": b64(value)}
     if lease:
         request["lease"] = str(lease)
@@ -197,10 +215,12 @@ def put(key: bytes, value: bytes, lease: int = 0) -> dict[str, Any]:
 
 
 def get(key: bytes) -> dict[str, Any]:
+    """A transaction operation: read ``key``."""
     return {"request_range": {"key": b64(key)}}
 
 
 def delete(key: bytes) -> dict[str, Any]:
+    """A transaction operation: delete ``key``."""
     return {"request_delete_range": {"key": b64(key)}}
 
 
@@ -222,6 +242,8 @@ class JSONStream:
         return self._text.strip()
 
     def feed(self, data: bytes) -> None:
+        """More bytes of the stream: every JSON object they complete is handed on; bytes that are
+        not UTF-8 raise ProtocolError."""
         try:
             self._text += self._utf8.decode(data)
         except UnicodeDecodeError as e:
@@ -326,6 +348,7 @@ class EtcdWatch:
         self._body: _Body | None = None
 
     def cancel(self) -> None:
+        """Stop watching: cancel the request or the body being read."""
         if self._request is not None and not self._request.called:
             self._request.cancel()
         if self._body is not None and not self._body.done.called:
@@ -463,6 +486,7 @@ class EtcdClient:
     def txn(self, compare: Iterable[Mapping[str, Any]], success: Iterable[Mapping[str, Any]],
             failure: Iterable[Mapping[str, Any]] = (), timeout: float = 5.0,
             ) -> Deferred[TxnResult]:
+        """One etcd transaction: ``success`` if every ``compare`` holds, else ``failure``."""
         body = {"compare": list(compare), "success": list(success), "failure": list(failure)}
         return self.call("/v3/kv/txn", body, timeout).addCallback(
             lambda r: TxnResult(bool(r.get("succeeded")),
@@ -470,6 +494,7 @@ class EtcdClient:
                                 tuple(r.get("responses", ()))))
 
     def compact(self, revision: int, timeout: float = 5.0) -> Deferred[dict[str, Any]]:
+        """Compact etcd's history up to ``revision``."""
         return self.call("/v3/kv/compaction", {"revision": str(revision)}, timeout)
 
     # --- leases ------------------------------------------------------------------------

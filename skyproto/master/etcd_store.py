@@ -188,27 +188,34 @@ class EtcdRegistry:
     # --- reads -------------------------------------------------------------------------
 
     def snapshot(self) -> Table:
+        """The table as this master's copy of etcd has it now."""
         return Table(self.sequence, tuple(self._harbors[h] for h in sorted(self._harbors)),
                      dict(self._names), groups_table(self._groups))
 
     def lookup(self, name: str) -> int | None:
+        """The handle bound to ``name``, or None."""
         return self._names.get(name)
 
     def members(self, group: str) -> tuple[int, ...]:
+        """The member handles of ``group``, sorted."""
         return tuple(sorted(self._groups.get(group, ())))
 
     def harbor(self, harbor: int) -> HarborRecord | None:
+        """The live record of ``harbor``, or None."""
         return self._harbors.get(harbor)
 
     @property
     def ready(self) -> bool:
+        """Whether the table has been loaded from etcd (and can decide)."""
         return self._loaded
 
     @property
     def stopped(self) -> bool:
+        """Whether :meth:`stop` was called."""
         return self._stopped
 
     def subscribe(self, listener: IRegistryListener) -> Callable[[], None]:
+        """Tell ``listener`` every change from now on; returns the function that unsubscribes."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
@@ -228,6 +235,7 @@ class EtcdRegistry:
         return waiter
 
     def stop(self) -> Deferred[None]:
+        """Stop watching and renewing; requests still waiting fail with RegistryUnavailable."""
         self._stopped = True
         for timer in self._timers.values():
             if timer.active():
@@ -297,39 +305,49 @@ class EtcdRegistry:
 
     def admit(self, harbor: int, node: str, endpoint: str, incarnation: int,
               names: Mapping[str, int], now: float) -> Deferred[Joined]:
+        """Admit a node: its harbor record and its names, under a lease; fires with the outcome."""
         return Deferred.fromCoroutine(self._admit(harbor, node, endpoint, incarnation,
                                                   dict(names), now))
 
     def depart(self, harbor: int, incarnation: int, reason: str) -> Deferred[tuple[Event, ...]]:
+        """A harbor left: remove its record, names and memberships (if still that incarnation)."""
         return Deferred.fromCoroutine(self._depart(harbor, incarnation, reason))
 
     def claim_name(self, name: str, handle: int,
                    requester: int) -> Deferred[tuple[Event, ...]]:
+        """Bind ``name`` to ``handle`` for harbor ``requester`` (first writer wins)."""
         return Deferred.fromCoroutine(self._claim_name(name, handle, requester))
 
     def release_name(self, name: str, requester: int) -> Deferred[tuple[Event, ...]]:
+        """Unbind ``name``, if harbor ``requester`` holds it."""
         return Deferred.fromCoroutine(self._release_name(name, requester))
 
     def join_group(self, group: str, handle: int,
                    requester: int) -> Deferred[tuple[Event, ...]]:
+        """Add ``handle`` to ``group`` for harbor ``requester``."""
         return Deferred.fromCoroutine(self._join_group(group, handle, requester))
 
     def leave_group(self, group: str, handle: int,
                     requester: int) -> Deferred[tuple[Event, ...]]:
+        """Remove ``handle`` from ``group`` for harbor ``requester``."""
         return Deferred.fromCoroutine(self._leave_group(group, handle, requester))
 
     # --- keys and values -----------------------------------------------------------------
 
     def harbor_key(self, harbor: int) -> bytes:
+        """The etcd key of a harbor's record."""
         return self._p + b"harbors/%03d" % harbor
 
     def name_key(self, name: str) -> bytes:
+        """The etcd key of a global name."""
         return self._p + b"names/" + name.encode()
 
     def fixed_key(self, harbor: int) -> bytes:
+        """The etcd key that marks a harbor id as used by a fixed-id node."""
         return self._p + b"fixed/%03d" % harbor
 
     def group_key(self, group: str, handle: int) -> bytes:
+        """The etcd key of one group membership."""
         return self._p + b"groups/" + group.encode() + b"/%08x" % handle
 
     def _parse_key(self, key: bytes) -> tuple[str, Any]:

@@ -6,8 +6,9 @@ registry's own event and table classes (:mod:`skyproto.master.records`) travel a
 
 from __future__ import annotations
 
+import math
 import struct
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -27,7 +28,9 @@ from .records import (
 #: 3: X25519 keys instead of nonces; Join/Observe and everything after them sealed
 #: 4: service groups (JoinGroup, LeaveGroup, GroupJoined, GroupLeft, Join.groups,
 #: Table.groups): a version 3 peer could not decode the new fields
-PROTOCOL_VERSION: Final = 4
+#: 5: ``skyproto services`` and ``skyproto status --watch`` (ListServices, QueryServices,
+#: ServicesReport, ServicesReply, Watch): a version 4 node would drop a QueryServices
+PROTOCOL_VERSION: Final = 5
 MASTER_CODEC = MessageCodec("master")
 NODE_ROLE: Final = b"master-node"
 MASTER_ROLE: Final = b"master-server"
@@ -123,6 +126,8 @@ class Refused:
 @MASTER_CODEC.message(7)
 @attrs.frozen
 class BindName:
+    """Node -> master: bind global name ``name`` to ``handle`` (on the node's harbor)."""
+
     request: int
     name: str
     handle: int
@@ -131,6 +136,8 @@ class BindName:
 @MASTER_CODEC.message(8)
 @attrs.frozen
 class UnbindName:
+    """Node -> master: remove the node's global name ``name``."""
+
     request: int
     name: str
 
@@ -138,6 +145,8 @@ class UnbindName:
 @MASTER_CODEC.message(9)
 @attrs.frozen
 class LookupName:
+    """Node or observer -> master: which handle holds ``name``?"""
+
     request: int
     name: str
 
@@ -145,6 +154,8 @@ class LookupName:
 @MASTER_CODEC.message(10)
 @attrs.frozen
 class GetTable:
+    """Node or observer -> master: send the whole table."""
+
     request: int
 
 
@@ -162,6 +173,8 @@ class Reply:
 @MASTER_CODEC.message(12)
 @attrs.frozen
 class TableReply:
+    """Master -> node or observer: the whole table, in answer to GetTable or Watch."""
+
     request: int
     table: Table
     #: what keeps the master's state: "memory" or "etcd"
@@ -194,6 +207,88 @@ class LeaveGroup:
     handle: int
 
 
+#: the longest a master waits for a node's ServicesReport, whatever the observer asked
+MAX_RELAY_TIMEOUT: Final = 60.0
+
+
+def _seconds(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    """A wait in seconds: finite and not negative."""
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{attribute.name} must be a finite number of seconds >= 0, "
+                         f"not {value!r}")
+
+
+def _not_negative(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    """A count: 0 or more."""
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, not {value!r}")
+
+
+@attrs.frozen
+class ServiceInfo:
+    """One service of a node as ``skyproto services`` shows it: its handle, its class
+    name, the names (global and ``.local``) and groups it holds on its node, and how many
+    messages wait in the node's run queue for it."""
+
+    handle: int
+    kind: str
+    names: tuple[str, ...]
+    groups: tuple[str, ...]
+    queue: int = attrs.field(validator=_not_negative)
+
+
+@MASTER_CODEC.message(16)
+@attrs.frozen
+class Watch:
+    """Observer -> master: answer with the whole table (a TableReply), then push every
+    change to this connection as to a joined node (``skyproto status --watch``)."""
+
+    request: int
+
+
+@MASTER_CODEC.message(17)
+@attrs.frozen
+class ListServices:
+    """Observer -> master: list the services of ``harbor``. The master asks that node
+    over its own connection and waits at most ``timeout`` seconds (capped at
+    MAX_RELAY_TIMEOUT) for its answer."""
+
+    request: int
+    harbor: int
+    timeout: float = attrs.field(validator=_seconds)
+
+
+@MASTER_CODEC.message(18)
+@attrs.frozen
+class QueryServices:
+    """Master -> joined node: describe your services; ``query`` comes back in the
+    ServicesReport."""
+
+    query: int
+
+
+@MASTER_CODEC.message(19)
+@attrs.frozen
+class ServicesReport:
+    """Joined node -> master: its services, in answer to QueryServices ``query``."""
+
+    query: int
+    services: tuple[ServiceInfo, ...]
+
+
+@MASTER_CODEC.message(26)
+@attrs.frozen
+class ServicesReply:
+    """Master -> observer, in answer to ListServices: ``error`` empty and the node's
+    services, or why there are none (no such harbor, the node did not answer)."""
+
+    request: int
+    error: str
+    harbor: int
+    node: str
+    services: tuple[ServiceInfo, ...]
+
+
 MASTER_CODEC.message(20)(HarborJoined)
 MASTER_CODEC.message(21)(HarborLeft)
 MASTER_CODEC.message(22)(NameBound)
@@ -202,8 +297,10 @@ MASTER_CODEC.message(24)(GroupJoined)
 MASTER_CODEC.message(25)(GroupLeft)
 
 __all__ = [
-    "MASTER_CODEC", "BindName", "GetTable", "GroupJoined", "GroupLeft", "HarborJoined",
-    "HarborLeft", "HarborRecord", "Join", "JoinGroup", "LeaveGroup", "LookupName",
-    "MasterChallenge", "MasterHeartbeat", "MasterHello", "NameBound", "NameUnbound",
-    "Observe", "Refused", "Reply", "Table", "TableReply", "UnbindName", "Welcome",
+    "MASTER_CODEC", "MAX_RELAY_TIMEOUT", "BindName", "GetTable", "GroupJoined", "GroupLeft",
+    "HarborJoined", "HarborLeft", "HarborRecord", "Join", "JoinGroup", "LeaveGroup",
+    "ListServices", "LookupName", "MasterChallenge", "MasterHeartbeat", "MasterHello",
+    "NameBound", "NameUnbound", "Observe", "QueryServices", "Refused", "Reply",
+    "ServiceInfo", "ServicesReply", "ServicesReport", "Table", "TableReply", "UnbindName",
+    "Watch", "Welcome",
 ]

@@ -71,12 +71,16 @@ class Table:
 
 @attrs.frozen
 class HarborJoined:
+    """A harbor joined (or re-joined with a new incarnation): its record."""
+
     sequence: int
     record: HarborRecord
 
 
 @attrs.frozen
 class HarborLeft:
+    """A harbor's incarnation left the table, and why."""
+
     sequence: int
     harbor: int
     incarnation: int
@@ -85,6 +89,8 @@ class HarborLeft:
 
 @attrs.frozen
 class NameBound:
+    """Global name ``name`` is now bound to ``handle``."""
+
     sequence: int
     name: str
     handle: int
@@ -92,6 +98,8 @@ class NameBound:
 
 @attrs.frozen
 class NameUnbound:
+    """Global name ``name`` is no longer bound to ``handle``."""
+
     sequence: int
     name: str
     handle: int
@@ -170,6 +178,7 @@ def groups_table(groups: Mapping[str, Collection[int]]) -> dict[str, tuple[int, 
 
 
 def taken_message(name: str, handle: int) -> str:
+    """The refusal of a name another handle holds (both stores word it the same)."""
     return f"name {name} is already taken by :{handle:08x}"
 
 

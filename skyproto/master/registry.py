@@ -77,33 +77,41 @@ class InMemoryRegistry:
     # --- queries -----------------------------------------------------------------------
 
     def snapshot(self) -> Table:
+        """The whole table now."""
         return Table(self.sequence, tuple(sorted(self._harbors.values(),
                                                  key=lambda r: r.harbor)), dict(self._names),
                      groups_table(self._groups))
 
     def harbor(self, harbor: int) -> HarborRecord | None:
+        """The live record of ``harbor``, or None."""
         return self._harbors.get(harbor)
 
     def lookup(self, name: str) -> int | None:
+        """The handle bound to ``name``, or None."""
         return self._names.get(name)
 
     def members(self, group: str) -> tuple[int, ...]:
+        """The member handles of ``group``, sorted."""
         return tuple(sorted(self._groups.get(group, ())))
 
     # --- IRegistry: what the master uses -------------------------------------------------
 
     def subscribe(self, listener: IRegistryListener) -> Callable[[], None]:
+        """Tell ``listener`` every change from now on; returns the function that unsubscribes."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     def start(self) -> Deferred[None]:
+        """Nothing to load: ready at once."""
         return succeed(None)
 
     def stop(self) -> Deferred[None]:
+        """Nothing to release."""
         return succeed(None)
 
     def admit(self, harbor: int, node: str, endpoint: str, incarnation: int,
               names: Mapping[str, int], now: float) -> Deferred[Joined]:
+        """Admit a node (see :meth:`join`), telling the listeners; a refusal errbacks."""
         try:
             joined = self.join(harbor, node, endpoint, incarnation, names, now)
         except RegistryRefusal as e:
@@ -112,21 +120,26 @@ class InMemoryRegistry:
         return succeed(joined)
 
     def depart(self, harbor: int, incarnation: int, reason: str) -> Deferred[tuple[Event, ...]]:
+        """A harbor left (see :meth:`leave`), telling the listeners."""
         return self._told(self.leave, harbor, incarnation, reason)
 
     def claim_name(self, name: str, handle: int,
                    requester: int) -> Deferred[tuple[Event, ...]]:
+        """Bind a name (see :meth:`bind`), telling the listeners; a refusal errbacks."""
         return self._told(self.bind, name, handle, requester)
 
     def release_name(self, name: str, requester: int) -> Deferred[tuple[Event, ...]]:
+        """Unbind a name (see :meth:`unbind`), telling the listeners; a refusal errbacks."""
         return self._told(self.unbind, name, requester)
 
     def join_group(self, group: str, handle: int,
                    requester: int) -> Deferred[tuple[Event, ...]]:
+        """Add a group member (see :meth:`add_member`), telling the listeners."""
         return self._told(self.add_member, group, handle, requester)
 
     def leave_group(self, group: str, handle: int,
                     requester: int) -> Deferred[tuple[Event, ...]]:
+        """Remove a group member (see :meth:`remove_member`), telling the listeners."""
         return self._told(self.remove_member, group, handle, requester)
 
     def _told(self, change: Callable[..., tuple[Event, ...]],

@@ -48,17 +48,23 @@ from .handshake import (
 )
 from .messages import (
     MASTER_CODEC,
+    MAX_RELAY_TIMEOUT,
     BindName,
     GetTable,
     Join,
     JoinGroup,
     LeaveGroup,
+    ListServices,
     LookupName,
     MasterHeartbeat,
+    QueryServices,
     Refused,
     Reply,
+    ServicesReply,
+    ServicesReport,
     TableReply,
     UnbindName,
+    Watch,
     Welcome,
 )
 from .records import (
@@ -293,6 +299,8 @@ def _build_session_machine() -> Callable[[_Session], _SessionInputs]:
                            lambda: service.registry.leave_group(group, handle, harbor))
         elif isinstance(message, LookupName | GetTable):
             read(c, s, message)
+        elif isinstance(message, ServicesReport):
+            service.services_reported(s.connection, message)
         else:
             c.drop(f"protocol error: unexpected {type(message).__name__}")
 
@@ -300,6 +308,10 @@ def _build_session_machine() -> Callable[[_Session], _SessionInputs]:
     def observer_message(c: _SessionInputs, s: _Session, message: object) -> None:
         if isinstance(message, LookupName | GetTable):
             read(c, s, message)
+        elif isinstance(message, Watch):
+            s.service.watch(s.connection, message.request)
+        elif isinstance(message, ListServices):
+            s.service.list_services(s.connection, message)
         else:
             c.drop(f"protocol error: unexpected {type(message).__name__}")
 
@@ -406,32 +418,40 @@ class MasterConnection(FrameProtocol):
 
     @property
     def harbor(self) -> int:
+        """The harbor id of the joined node (0 before the welcome, and for observers)."""
         return self.session.harbor
 
     @property
     def incarnation(self) -> int:
+        """The joined node's incarnation (0 before the welcome)."""
         return self.session.incarnation
 
     @property
     def node(self) -> str:
+        """The joined node's name (empty before the welcome)."""
         return self.session.node
 
     def connectionMade(self) -> None:
+        """Count the connection and start its handshake timer."""
         super().connectionMade()
         self.service.connections.add(self)
         self.session.timer = self.service.clock.callLater(
             self.service.handshake_timeout, self.feed, self.machine.late)
 
     def dataReceived(self, data: bytes) -> None:
+        """Bytes from the peer: a sign of life."""
         self._heartbeat.heard()  # every byte is a sign of life, not just whole frames
         super().dataReceived(data)
 
     def frame_received(self, frame: bytes) -> None:
+        """Decode one message and give it to the session (heartbeats only count as life)."""
         message = MASTER_CODEC.decode(frame)
         if not isinstance(message, MasterHeartbeat):
             self.feed(self.machine.message, message)
 
     def plain_frame_before_sealed(self, frame: bytes) -> None:
+        """A plain heartbeat the node sent before it had our challenge is harmless; any other plain
+        frame drops the connection."""
         # The node beats from the moment it connects; a beat sent before our challenge
         # reached it arrives in the clear after we switched. It changes nothing.
         if frame != _BEAT:
@@ -462,6 +482,7 @@ class MasterConnection(FrameProtocol):
             self.close_connection()
 
     def start_heartbeat(self, timing: HeartbeatTiming) -> None:
+        """Beat and watch for silence at the negotiated timing."""
         self._heartbeat.retime(timing)
         self._heartbeat.start()
 
@@ -472,9 +493,22 @@ class MasterConnection(FrameProtocol):
         self.feed(self.machine.silent, quiet)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """The connection ended: the session ends (a joined harbor leaves the table)."""
         self._heartbeat.stop()
         self.feed(self.machine.lost, reason.getErrorMessage())
         self.service.forget(self)  # whatever the session managed to do
+
+
+@attrs.define(eq=False)
+class _Query:
+    """A ListServices relayed to a node: who asked, which node must answer, until when."""
+
+    observer: MasterConnection
+    request: int
+    harbor: int
+    node: MasterConnection
+    timeout: float
+    timer: IDelayedCall | None = None
 
 
 @attrs.frozen
@@ -520,18 +554,27 @@ class MasterService(Factory):
         self.preauth_failures: Counter[str] = Counter()
         self._held: list[_HeldBind] = []
         self._grace_timer: IDelayedCall | None = None
+        #: observers that asked to be told every change (Watch)
+        self.watchers: set[MasterConnection] = set()
+        #: ListServices waiting for their node's ServicesReport, by query id
+        self.queries: dict[int, _Query] = {}
+        self._last_query = 0
         registry.subscribe(self)
 
     def buildProtocol(self, addr: object) -> MasterConnection:
+        """One node's (or observer's) connection."""
         return MasterConnection(self)
 
     def auto_grace_left(self) -> float:
+        """Seconds left of the start-up grace for ``--harbor auto`` joins (negative once over)."""
         return self.started_at + self.auto_grace - self.clock.seconds()
 
     def name_grace_left(self) -> float:
+        """Seconds left of the start-up grace for names nobody holds (negative once over)."""
         return self.started_at + self.name_grace - self.clock.seconds()
 
     def connected(self) -> int:
+        """How many nodes are joined now."""
         return len(self.joined)
 
     # --- admission -----------------------------------------------------------------------
@@ -746,7 +789,14 @@ class MasterService(Factory):
                 connection.feed(connection.machine.admit)
 
     def forget(self, connection: MasterConnection) -> None:
+        """A connection ended: it is nobody's watcher, asker or answerer any more."""
         self.connections.discard(connection)
+        self.watchers.discard(connection)
+        for query_id, query in list(self.queries.items()):
+            if query.observer is connection:
+                self._end_query(query_id)
+            elif query.node is connection:
+                self._answer_query(query_id, f"harbor {query.harbor} left before it answered")
         if self._held:
             self._held = [h for h in self._held if h.connection is not connection]
         harbor = connection.session.harbor
@@ -760,6 +810,7 @@ class MasterService(Factory):
         return self.name_grace_left() > 0 and self.registry.lookup(name) is None
 
     def hold_back(self, connection: MasterConnection, message: BindName) -> None:
+        """Keep a BindName until the name grace ends (or its name's holder returns)."""
         self._held.append(_HeldBind(connection, message.request, message.name, message.handle))
         if self._grace_timer is None:
             self._grace_timer = self.clock.callLater(self.name_grace_left(), self._grace_over)
@@ -792,6 +843,8 @@ class MasterService(Factory):
             connection.feed(connection.machine.bind, item.request, item.name, item.handle)
 
     def answer_bind(self, s: _Session, request: int, name: str, handle: int) -> None:
+        """Ask the registry for a name and reply; a name granted after its harbor left is released
+        again."""
         harbor = s.harbor
 
         def undo() -> None:
@@ -800,6 +853,8 @@ class MasterService(Factory):
         self.answer(s, request, lambda: self.registry.claim_name(name, handle, harbor), undo)
 
     def answer_join_group(self, s: _Session, request: int, group: str, handle: int) -> None:
+        """Ask the registry for a membership and reply; one granted after its harbor left is removed
+        again."""
         harbor = s.harbor
 
         def undo() -> None:
@@ -839,6 +894,73 @@ class MasterService(Factory):
 
         change().addCallbacks(done, failed)
 
+    # --- observers: watching the table, listing a node's services ------------------------
+
+    def watch(self, connection: MasterConnection, request: int) -> None:
+        """An observer's Watch: the whole table now, then every change (as joined nodes
+        get them: in order, and any change after the table's sequence)."""
+        registry = self.registry
+        connection.send_frame(MASTER_CODEC.encode(
+            TableReply(request, registry.snapshot(), registry.kind)))
+        if connection not in self.watchers:
+            self.watchers.add(connection)
+            self.log.info("an observer ({peer}) watches the table",
+                          peer=describe_peer(connection.transport))
+
+    def list_services(self, observer: MasterConnection, message: ListServices) -> None:
+        """An observer's ListServices: relay it to the harbor's node over the node's own
+        connection, and answer when it reports, leaves, or stays silent too long."""
+        node = self.joined.get(message.harbor)
+        if node is None:
+            observer.send_frame(MASTER_CODEC.encode(ServicesReply(
+                message.request, f"harbor {message.harbor} is not in the master's table",
+                message.harbor, "", ())))
+            return
+        self._last_query = self._last_query % 0x7FFFFFFF + 1
+        query_id = self._last_query
+        timeout = min(message.timeout, MAX_RELAY_TIMEOUT)
+        query = _Query(observer, message.request, message.harbor, node, timeout)
+        self.queries[query_id] = query
+        query.timer = self.clock.callLater(timeout, self._query_late, query_id)
+        try:
+            node.send_frame(MASTER_CODEC.encode(QueryServices(query_id)), must=False)
+        except QueueFull:
+            self._answer_query(query_id, f"harbor {message.harbor} is not keeping up with "
+                                         "the master")
+
+    def services_reported(self, node: MasterConnection, report: ServicesReport) -> None:
+        """A node's answer: to the observer that asked (a late one, after the observer
+        was told it timed out, is dropped)."""
+        query = self.queries.get(report.query)
+        if query is None or query.node is not node:
+            self.log.debug("harbor {harbor}: ServicesReport {query} answers nothing "
+                           "pending (late?)", harbor=node.harbor, query=report.query)
+            return
+        self._end_query(report.query)
+        query.observer.send_frame(MASTER_CODEC.encode(ServicesReply(
+            query.request, "", query.harbor, node.node, report.services)))
+
+    def _query_late(self, query_id: int) -> None:
+        query = self.queries.get(query_id)
+        if query is not None:
+            query.timer = None
+            self.log.warn("harbor {harbor} did not list its services within {timeout:g} s",
+                          harbor=query.harbor, timeout=query.timeout)
+            self._answer_query(query_id, f"harbor {query.harbor} ({query.node.node}) did "
+                                         f"not answer within {query.timeout:g} s")
+
+    def _answer_query(self, query_id: int, error: str) -> None:
+        query = self._end_query(query_id)
+        if query is not None:
+            query.observer.send_frame(MASTER_CODEC.encode(ServicesReply(
+                query.request, error, query.harbor, query.node.node, ())))
+
+    def _end_query(self, query_id: int) -> _Query | None:
+        query = self.queries.pop(query_id, None)
+        if query is not None and query.timer is not None and query.timer.active():
+            query.timer.cancel()
+        return query
+
     # --- what the registry tells ---------------------------------------------------------
 
     def registry_changed(self, events: tuple[Event, ...]) -> None:
@@ -860,16 +982,20 @@ class MasterService(Factory):
 
     def push(self, events: tuple[Event, ...],
              to: tuple[MasterConnection, ...] | None = None) -> None:
-        """Send each event to every joined node (or only ``to``), in order."""
+        """Send each event to every joined node and watching observer (or only ``to``), in
+        order."""
         for event in events:
             frame = MASTER_CODEC.encode(event)
-            for connection in list(self.joined.values()) if to is None else to:
+            targets = (*self.joined.values(), *self.watchers) if to is None else to
+            for connection in targets:
                 try:
                     connection.send_frame(frame, must=False)
                 except QueueFull as e:
                     # It will reconnect and get the whole table; the others must not wait.
-                    connection.drop(f"harbor {connection.harbor} cannot keep up: {e}")
+                    who = f"harbor {connection.harbor}" if connection.harbor else "an observer"
+                    connection.drop(f"{who} cannot keep up: {e}")
 
     def close_all(self) -> None:
+        """Close every connection (the master is stopping)."""
         for connection in list(self.connections):
             connection.close()

@@ -59,6 +59,8 @@ class ClusterMembership:
     # --- IMasterListener ---------------------------------------------------------------
 
     def master_table(self, table: Table, first: bool) -> None:
+        """A whole table (a welcome or a resync): dial the harbors it lists, keep the ones still
+        linked, forget the others, and publish what changed."""
         router = self.node.router
         master = self.node.master
         if not self.node.harbor and master is not None:
@@ -96,6 +98,8 @@ class ClusterMembership:
             self.on_joined(self.node.harbor)
 
     def master_event(self, event: Any) -> None:
+        """One pushed change: record a harbor, unlink one that left, or update a name; then publish
+        it."""
         if isinstance(event, HarborJoined):
             record = event.record
             if record.harbor == self.node.harbor:
@@ -149,6 +153,7 @@ class ClusterMembership:
             del self.node.names[name]
 
     def master_refused(self, reason: str) -> None:
+        """The master refused this node: tell ``on_refused``."""
         if self.on_refused is not None:
             self.on_refused(reason)
 

@@ -30,7 +30,10 @@ carry). The reactor and the randomness are injected.
 
 What a node registers: ALIVE2 ``PortNo`` is the TCP port of a plain ``tcp:`` harbor
 endpoint (:func:`skyproto.endpoints.harbor_tcp_port`), else 0; ``Extra`` is the CBOR map
-of :mod:`skyproto.mapper.extra`, with the endpoint when it is not a plain TCP port.
+of :mod:`skyproto.mapper.extra`, with the endpoint when it is not a plain TCP port. A
+registration that is not a harbor (the master, as ``skymaster``) gives ``harbor=None``
+and a ``role``: its Extra carries the role instead of a harbor id, and its ``PortNo`` is
+the TCP port it listens on, as a node's is.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from typing import Any, Final, Protocol, cast
 import attrs
 from automat import TypeMachineBuilder
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import CannotListenError, ConnectError, ConnectionRefusedError
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -67,6 +70,7 @@ from ..mapper.client import (
     RegistrationRefusedError,
 )
 from ..mapper.extra import encode_extra
+from ..mapper.port import mapper_server_endpoint
 from ..mapper.server import MapperServerFactory, MapperServerProtocol
 
 __all__ = [
@@ -757,7 +761,9 @@ class HostMapper:
     its own epmd port; 0 means "the port listened on"). ``name`` is the node's short name
     (no ``@host``), ``harbor_endpoint`` where its harbor link listens (see
     :func:`skyproto.endpoints.harbor_tcp_port` and
-    :func:`skyproto.endpoints.client_endpoint_for`), ``harbor`` its harbor id, ``rng``
+    :func:`skyproto.endpoints.client_endpoint_for`), ``harbor`` its harbor id, or None
+    for a registration that is not a harbor, which names its ``role`` instead (a master
+    registers ``harbor=None, role="master"`` with the endpoint it listens on), ``rng``
     the source of jitter. ``client`` and ``server_endpoint`` replace the ones built from
     the two endpoint strings (tests give fakes). For a ``unix:`` mapper use ``lockfile=1``
     in ``listen_endpoint`` so a stale socket file left by a dead host is replaced rather
@@ -776,9 +782,10 @@ class HostMapper:
         mapper_port: int,
         name: str,
         harbor_endpoint: str,
-        harbor: int,
+        harbor: int | None,
         rng: random.Random | None = None,
         *,
+        role: str | None = None,
         takeover_jitter: float = DEFAULT_TAKEOVER_JITTER,
         retry_initial: float = DEFAULT_RETRY_INITIAL,
         retry_max: float = DEFAULT_RETRY_MAX,
@@ -797,14 +804,18 @@ class HostMapper:
         self.connect_endpoint = connect_endpoint
         self.mapper_port = mapper_port
         self.name = name
-        self.harbor = check_harbor(harbor)
+        if harbor is None and not role:
+            raise ConfigurationError(f"mapper for {name!r}: give a harbor id or a role")
+        self.harbor = None if harbor is None else check_harbor(harbor)
+        #: what a registration without a harbor id is (``"master"``), else None
+        self.role = role if harbor is None else None
         self.harbor_endpoint = harbor_endpoint
         try:
             port = harbor_tcp_port(harbor_endpoint)
             advertised = None if port is not None else client_endpoint_for(harbor_endpoint)
-            self.extra = encode_extra(self.harbor, advertised)
+            self.extra = encode_extra(self.harbor, advertised, role=self.role)
             if server_endpoint is None:
-                server_endpoint = serverFromString(reactor, listen_endpoint)
+                server_endpoint = mapper_server_endpoint(reactor, listen_endpoint)
             if client is None:
                 endpoint: IStreamClientEndpoint = clientFromString(reactor, connect_endpoint)
                 client = MapperClient(reactor, endpoint, timeout=timeout)
@@ -839,30 +850,37 @@ class HostMapper:
 
     @property
     def rng(self) -> random.Random:
+        """The random source of the jitter and backoff."""
         return self._core.rng
 
     @property
     def takeover_jitter(self) -> float:
+        """At most this many seconds of random wait before re-registering or taking over."""
         return self._core.takeover_jitter
 
     @property
     def retry_initial(self) -> float:
+        """The first retry delay, in seconds, after a failed registration."""
         return self._core.retry_initial
 
     @property
     def retry_max(self) -> float:
+        """The cap of the retry delay, in seconds."""
         return self._core.retry_max
 
     @property
     def start_refusals(self) -> int:
+        """How many refusals of our name end the start (the name is taken by a live node)."""
         return self._core.start_refusals
 
     @property
     def timeout(self) -> float:
+        """Seconds one request to the mapper may take."""
         return self._core.timeout
 
     @property
     def relaxed(self) -> bool:
+        """Whether a mapper this node hosts relaxes epmd's local-only command check."""
         return self._core.relaxed
 
     @property

@@ -14,7 +14,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -47,9 +47,10 @@ from ..errors import (
 from ..harbor.link import HarborLinkFactory, LinkConfig
 from ..interfaces import IHarborLink, IServiceBehaviour
 from ..master.client import JoinInfo, MasterClient
+from ..master.messages import ServiceInfo
 from ..session import SESSION_MAX, SessionTable
 from ..transports.loopback import LoopbackAddress
-from ..wire.codec import PayloadType, encode_cbor, encode_data_frame
+from ..wire.codec import Frame, PayloadType, encode_data_message
 from ..wire.framing import DEFAULT_MAX_FRAME, DEFAULT_MAX_OUTBOUND
 from ..wire.pieces import DEFAULT_MAX_MESSAGE, DEFAULT_PIECE_SIZE
 from .cluster import ClusterMembership
@@ -116,10 +117,11 @@ class Node:
         # Each incarnation starts its session ids at a random point, so that a reply a peer
         # still owes a previous incarnation of this node is unlikely to match a new call.
         self.rng = rng or random.Random()
-        self.sessions = SessionTable(reactor, default_timeout,
-                                     first_id=self.rng.randrange(SESSION_MAX) + 1)
         #: calls and sends by outcome, call latency: read by the metrics (skyproto.web)
         self.stats = CallStats(reactor)
+        self.sessions = SessionTable(reactor, default_timeout,
+                                     first_id=self.rng.randrange(SESSION_MAX) + 1,
+                                     finished=self.stats.call_finished)
         self.config = LinkConfig(harbor, self.incarnation, secret, heartbeat_interval,
                                  heartbeat_timeout, max_frame=max_frame,
                                  max_message=max_message, piece_size=piece_size,
@@ -425,7 +427,9 @@ class Node:
         """Join the master at ``endpoint`` and keep joined (reconnecting with backoff).
 
         ``endpoint`` may be a list of masters that share one store (``--store etcd:``): the
-        node talks to one at a time and moves to the next when it loses it.
+        node talks to one at a time and moves to the next when it loses it. Each may be an
+        endpoint string or ``NAME@HOST`` (``skymaster@hosta``): HOST's mapper is asked
+        where NAME listens at every attempt (through this node's resolver).
 
         ``node_name`` defaults to ``harborN@<short host name>`` (``node<pid>@...`` for a
         node still without a harbor id), ``harbor_endpoint`` (where other nodes dial us)
@@ -456,9 +460,33 @@ class Node:
             groups_to_assert=lambda: {g: sorted(h) for g, h in self.groups.items() if h},
             heartbeat_interval=self.config.heartbeat_interval,
             heartbeat_timeout=self.config.heartbeat_timeout, max_frame=self.config.max_frame,
-            on_name_refused=self.membership.name_refused, rng=self.rng)
+            on_name_refused=self.membership.name_refused, rng=self.rng,
+            resolver=self.router.resolver,  # a NAME@HOST master: asked at every attempt
+            describe_services=self.describe_services)
         self.master.start()
         return self.master
+
+    def describe_services(self) -> list[ServiceInfo]:
+        """This node's services as ``skyproto services`` lists them (through the master):
+        by handle, each with its class name, the names and groups it holds here, and how
+        many messages wait in the run queue for it."""
+        queued: dict[int, int] = {}
+        for item in self._inbox:
+            queued[item[2]] = queued.get(item[2], 0) + 1
+        names: dict[int, list[str]] = {}
+        for name, handle in sorted(self.names.items()):
+            names.setdefault(handle, []).append(name)
+        groups: dict[int, list[str]] = {}
+        for group, members in sorted(self.groups.items()):
+            for handle in members:
+                groups.setdefault(handle, []).append(group)
+        described = []
+        for local, service in sorted(self.services.items()):
+            handle = make_handle(self.harbor, local)
+            described.append(ServiceInfo(handle, type(service).__name__,
+                                         tuple(names.get(handle, ())),
+                                         tuple(groups.get(handle, ())), queued.get(handle, 0)))
+        return described
 
     def subscribe(self, callback: Callable[[Any], object]) -> Callable[[], None]:
         """Be told of every harbor up/down and global name change (Erlang's monitor_nodes)."""
@@ -480,22 +508,33 @@ class Node:
     def call(self, destination: int | str, payload: Any, timeout: float | None = None,
              source: int | None = None) -> Deferred[Any]:
         """Request/response: a Deferred of the reply, or of a CallError."""
-        # counted once, when it ends (by outcome, with its latency): see CallStats
-        return self._call(destination, payload, timeout, source).addBoth(
-            self.stats.call_done, self.reactor.seconds())
-
-    def _call(self, destination: int | str, payload: Any, timeout: float | None,
-              source: int | None) -> Deferred[Any]:
+        # Each call is counted once, when it ends (by outcome, with its latency): by the
+        # session table once it has a session, else here (see CallStats).
+        if type(destination) is int:
+            return self._call(destination, payload, timeout, source)
         try:
             handle = self.resolve(destination)
         except NoSuchService as e:
             if self.master is None or not isinstance(destination, str) or destination[:1] == ".":
+                self.stats.call_finished(e, self.reactor.seconds())
                 return _failed(e)
             return self._call_after_lookup(destination, payload, timeout, source)
+        return self._call(handle, payload, timeout, source)
+
+    def _call(self, handle: int, payload: Any, timeout: float | None,
+              source: int | None) -> Deferred[Any]:
         harbor = handle >> 24
         session, deferred = self.sessions.new(timeout, harbor)
         try:
-            self._send_request(source or self.handle, handle, -session, payload)
+            if harbor == self.harbor:
+                self._send_request(source or self.handle, handle, -session, payload)
+            else:
+                frame = self._frame(source or self.handle, handle, -session, _NORMAL, payload)
+                peer = self.router.peers.get(harbor)
+                if peer is None:
+                    self.router.send_frame(harbor, frame)  # raises, saying why
+                else:
+                    peer.send(frame)
         except Exception as e:
             self.sessions.fail(session, e)
         return deferred
@@ -511,16 +550,21 @@ class Node:
         started = self.reactor.seconds()
 
         def found(handle: int | None) -> Deferred[Any]:
+            error: Exception
             if handle is None:
-                raise NoSuchService(f"no service is named {name!r}")
-            if not budget:
+                error = NoSuchService(f"no service is named {name!r}")
+            elif not budget:
                 return self._call(handle, payload, timeout, source)
-            left = budget - (self.reactor.seconds() - started)
-            if left <= 0:
-                raise CallTimeout(f"no reply within {budget:g} s (looking {name} up took it)")
-            return self._call(handle, payload, left, source)
+            else:
+                left = budget - (self.reactor.seconds() - started)
+                if left > 0:
+                    return self._call(handle, payload, left, source)
+                error = CallTimeout(f"no reply within {budget:g} s (looking {name} up took it)")
+            self.stats.call_finished(error, started)
+            raise error
 
-        return self.master.lookup_name(name, budget or None).addCallback(found)
+        return self.master.lookup_name(name, budget or None).addCallbacks(
+            found, self.stats.call_failed, errbackArgs=(started,))
 
     def send(self, destination: int | str, payload: Any, source: int | None = None) -> None:
         """One-way (session 0). Raises at once if the destination is unknown or down."""
@@ -544,10 +588,10 @@ class Node:
                                                        payload))
 
     def _frame(self, source: int, destination: int, session: int, ptype: int,
-               payload: Any) -> bytes:
+               payload: Any) -> Frame:
         """One data frame, length prefix included; FrameTooLarge if over the message limit
         (a frame longer than a piece travels in pieces)."""
-        frame = encode_data_frame(source, destination, session, ptype, encode_cbor(payload))
+        frame = encode_data_message(source, destination, session, ptype, payload)
         if len(frame) - 4 > self.config.max_message:
             raise FrameTooLarge(len(frame) - 4, self.config.max_message)
         return frame
@@ -601,6 +645,15 @@ class Node:
         except Exception as e:
             self._handler_failed(Failure(e), destination, source, session, link)
             return
+        if type(result) not in _PLAIN_RESULTS:
+            self._later_result(result, destination, source, session, link)
+        elif session:
+            self._reply(destination, source, -session, _NORMAL, result, link)
+
+    def _later_result(self, result: Any, destination: int, source: int, session: int,
+                      link: IHarborLink | None) -> None:
+        """A handler's result that is not a plain value: a Deferred or a coroutine is
+        replied to when it finishes; anything else at once."""
         if inspect.iscoroutine(result):
             result = Deferred.fromCoroutine(result)
         if isinstance(result, Deferred):
@@ -659,7 +712,8 @@ class Node:
                 self.router.reply_frame(link, frame)
         except Exception as e:
             # The caller's link is gone, so its calls failed there with HarborDown.
-            self.log.info("reply to {caller} lost: {error}", caller=format_handle(destination),
+            # ``destination`` came off the wire: written as it is, even if it is no handle
+            self.log.info("reply to {caller} lost: {error}", caller=f":{destination:08x}",
                           error=str(e))
 
     def _harbor_lost(self, harbor: int, reason: BaseException) -> None:
@@ -720,6 +774,11 @@ class Node:
         ports, self._ports = self._ports, []
         stopping.extend(maybeDeferred(port.stopListening) for port in ports)
         return DeferredList(stopping)
+
+
+#: what a handler returns that is its reply as it is (neither a Deferred nor a coroutine):
+#: checked by exact type first, since isinstance on Deferred (an ABC) costs a frame
+_PLAIN_RESULTS: Final = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 
 
 def _failed(error: BaseException) -> Deferred[Any]:

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from ..errors import HarborDown, QueueFull
 from ..interfaces import IHarborLink
+from ..wire.codec import Frame
 
 log = Logger()
 
@@ -35,7 +36,7 @@ class PeerInputs(Protocol):
     def dial(self) -> None:
         "Dial now unless linked or dialing (a static peer, or the master re-announced it)."
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: Frame) -> None:
         "Queue an encoded frame for the link coming up (only in idle, dialing, handshaking)."
 
     def connected(self) -> None:
@@ -83,7 +84,7 @@ class PeerCore:
     attempt: Deferred[Any] | None = None
     retry: IDelayedCall | None = None
     backoff: float = 0.0
-    queue: deque[bytes] = attrs.field(factory=deque)
+    queue: deque[Frame] = attrs.field(factory=deque)
     queued_bytes: int = 0
     #: why the harbor is down, told to every caller until it is up again
     last_error: str = ""
@@ -92,6 +93,7 @@ class PeerCore:
     # --- helpers the transitions share (none raises) -----------------------------------
 
     def begin_dial(self, inputs: PeerInputs) -> None:
+        """Dial the peer now (a dial that cannot even start fails on the next turn)."""
         self.cancel_retry()
         self.state = "dialing"
         try:
@@ -101,16 +103,19 @@ class PeerCore:
             self.clock.callLater(0, inputs.dial_failed, f"cannot dial: {e}")
 
     def cancel_attempt(self) -> None:
+        """Cancel the dial in progress, if any."""
         attempt, self.attempt = self.attempt, None
         if attempt is not None and not attempt.called:
             attempt.cancel()
 
     def cancel_retry(self) -> None:
+        """Cancel the scheduled redial, if any."""
         retry, self.retry = self.retry, None
         if retry is not None and retry.active():
             retry.cancel()
 
     def schedule_retry(self, inputs: PeerInputs) -> float:
+        """Redial after the next backoff (doubling to ``retry_max``, jittered); the delay."""
         self.state = "backoff"
         self.backoff = min(self.retry_max, self.backoff * 2 or self.retry_initial)
         delay = self.backoff * self.rng.uniform(0.8, 1.2)
@@ -118,6 +123,7 @@ class PeerCore:
         return delay
 
     def dial_failed(self, inputs: PeerInputs, reason: str) -> None:
+        """A dial failed: what was queued fails with HarborDown, and a redial is scheduled."""
         self.attempt = None
         error = HarborDown(f"harbor {self.harbor} at {self.endpoint} is unreachable: {reason}")
         self.last_error = str(error)
@@ -136,7 +142,8 @@ class PeerCore:
         except Exception:
             log.failure("failing the calls queued for harbor {harbor}", harbor=self.harbor)
 
-    def enqueue(self, frame: bytes) -> None:
+    def enqueue(self, frame: Frame) -> None:
+        """Queue a frame until the link is up."""
         self.queue.append(frame)
         self.queued_bytes += len(frame)
 
@@ -156,6 +163,7 @@ class PeerCore:
             link.close(f"sending queued frames failed: {e}")
 
     def went_up(self, link: IHarborLink) -> None:
+        """The link is up: use it, reset the backoff and send what was queued."""
         self.cancel_retry()
         self.link = link
         self.state = "up"
@@ -184,24 +192,24 @@ def _build() -> Callable[[PeerCore], PeerInputs]:
 
     # --- queueing while the link comes up ----------------------------------------------
     @idle.upon(PeerInputs.send).to(dialing)
-    def send_when_idle(inputs: PeerInputs, core: PeerCore, frame: bytes) -> None:
+    def send_when_idle(inputs: PeerInputs, core: PeerCore, frame: Frame) -> None:
         core.enqueue(frame)
         core.begin_dial(inputs)
 
     @dialing.upon(PeerInputs.send).loop()
     @handshaking.upon(PeerInputs.send).loop()
-    def send_queued(inputs: PeerInputs, core: PeerCore, frame: bytes) -> None:
+    def send_queued(inputs: PeerInputs, core: PeerCore, frame: Frame) -> None:
         core.enqueue(frame)
 
     @up.upon(PeerInputs.send).loop()
-    def send_up(inputs: PeerInputs, core: PeerCore, frame: bytes) -> None:
+    def send_up(inputs: PeerInputs, core: PeerCore, frame: Frame) -> None:
         # The router writes to an up link itself; a frame that reaches here raced a change.
         assert core.link is not None
         core.link.write_frame(frame, True)
 
     @backoff.upon(PeerInputs.send).loop()
     @removed.upon(PeerInputs.send).loop()
-    def send_refused(inputs: PeerInputs, core: PeerCore, frame: bytes) -> None:
+    def send_refused(inputs: PeerInputs, core: PeerCore, frame: Frame) -> None:
         pass  # the router raises HarborDown before feeding a send in these states
 
     # --- a dial's progress and outcome --------------------------------------------------
@@ -307,25 +315,30 @@ class Peer:
 
     @property
     def harbor(self) -> int:
+        """The peer's harbor id."""
         return self.core.harbor
 
     @property
     def state(self) -> str:
+        """Where the peer is: idle, dialing, handshaking, backoff, up, or removed."""
         return self.core.state
 
     @property
     def link(self) -> IHarborLink | None:
+        """The live link to the peer, if any."""
         return self.core.link
 
     @property
     def endpoint(self) -> str | None:
+        """Where the peer listens (None if it dialed us and nobody told us)."""
         return self.core.endpoint
 
     @property
     def last_error(self) -> str:
+        """Why the last dial failed (empty once up)."""
         return self.core.last_error
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: Frame) -> None:
         """Send (or queue) one encoded frame; HarborDown or QueueFull if it cannot be."""
         core = self.core
         state = core.state

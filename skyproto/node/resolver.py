@@ -7,19 +7,32 @@ being taken over) until :meth:`NodeResolver.invalidate`, which the router calls 
 dial to a resolved endpoint fails. It needs no registration of its own (a console tool
 resolves too) and is not tied to one mapper, so it is kept apart from
 :class:`skyproto.node.host_mapper.HostMapper`. The reactor is injected.
+
+:class:`NodeEndpoint` is a client endpoint for ``name@host`` (a node's ``--master
+skymaster@hosta``): every connect asks the host's mapper again, then dials what it said,
+so a master that restarted on another port is found at its new one.
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
-from typing import cast
+from typing import Final, cast
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.error import ConnectError, ConnectionRefusedError
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ..address import NodeName
 from ..endpoints import describe_endpoint, is_node_name, tcp_endpoint
@@ -28,12 +41,40 @@ from ..mapper.client import DEFAULT_TIMEOUT, MapperClient
 from ..mapper.epmd import DEFAULT_PORT
 from ..mapper.extra import decode_extra
 
-__all__ = ["NodeLocation", "NodeNotFound", "NodeResolver"]
+__all__ = [
+    "NOT_FOUND_KINDS",
+    "NodeEndpoint",
+    "NodeLocation",
+    "NodeNotFound",
+    "NodeResolver",
+]
+
+#: What :attr:`NodeNotFound.kind` may be, one per way a lookup fails.
+NOT_FOUND_KINDS: Final = frozenset({
+    "bad-name",  # not name@host
+    "unknown-host",  # the host name does not resolve
+    "no-mapper",  # nothing (or nothing sensible) answers on the host's mapper port
+    "not-registered",  # the mapper answered: no such name
+    "no-endpoint",  # registered with neither a port nor an endpoint
+    "wrong-role",  # registered, but not as what the caller looks for (a harbor, not a master)
+    "bad-endpoint",  # registered with an endpoint string that is not a client endpoint
+})
 
 
 class NodeNotFound(SkyprotoError):
     """A node name could not be resolved to an endpoint (not registered, unknown host,
-    or no mapper answering on its host); the message says which."""
+    or no mapper answering on its host); the message says which.
+
+    ``kind`` is one of :data:`NOT_FOUND_KINDS`; ``node`` the ``name@host`` looked up (if
+    it parsed), ``mapper`` the mapper asked (``host:port`` or its endpoint string).
+    """
+
+    def __init__(self, message: str, *, kind: str = "no-mapper", node: NodeName | None = None,
+                 mapper: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.node = node
+        self.mapper = mapper
 
 
 @attrs.frozen
@@ -44,6 +85,7 @@ class NodeLocation:
     endpoint: str  #: the client endpoint string to dial
     port: int  #: the ALIVE2 port (0 when the endpoint came from Extra)
     harbor: int | None  #: the harbor id from Extra (None for a non-skyproto node)
+    role: str | None = None  #: a registration without a harbor id: what it is ("master")
 
 
 class NodeResolver:
@@ -94,7 +136,7 @@ class NodeResolver:
             parsed = node if isinstance(node, NodeName) else _parse_node(node)
         except AddressError as e:
             failed: Deferred[NodeLocation] = Deferred()
-            failed.errback(NodeNotFound(str(e)))
+            failed.errback(NodeNotFound(str(e), kind="bad-name"))
             return failed
         key = str(parsed)
         hit = self._cache.get(key)
@@ -143,7 +185,8 @@ class NodeResolver:
         try:
             address = await self._resolve_host(node.host)
         except Exception as e:
-            raise NodeNotFound(f"cannot resolve the host of node {node}: {e}") from e
+            raise NodeNotFound(f"cannot resolve the host of node {node}: {e}",
+                               kind="unknown-host", node=node) from e
         mapper = self._mapper_endpoint_for(address)
         where = describe_endpoint(mapper)
         try:
@@ -154,10 +197,11 @@ class NodeResolver:
         except Exception as e:
             raise NodeNotFound(
                 f"cannot ask the mapper at {where} for node {node.name}: "
-                f"{type(e).__name__}: {e}"
+                f"{type(e).__name__}: {e}", kind="no-mapper", node=node, mapper=where,
             ) from e
         if reply is None:
-            raise NodeNotFound(f"node {node.name} is not registered with the mapper at {where}")
+            raise NodeNotFound(f"node {node.name} is not registered with the mapper at {where}",
+                               kind="not-registered", node=node, mapper=where)
         extra = decode_extra(reply.extra)
         if reply.extra and extra is None:
             self.log.debug("ignoring a non-skyproto Extra of {size} bytes for {node}",
@@ -169,13 +213,120 @@ class NodeResolver:
         else:
             raise NodeNotFound(
                 f"node {node.name} is registered with the mapper at {where} "
-                "with neither a port nor an endpoint"
+                "with neither a port nor an endpoint", kind="no-endpoint", node=node,
+                mapper=where,
             )
         location = NodeLocation(
-            str(node), endpoint, reply.port, None if extra is None else extra.harbor
+            str(node), endpoint, reply.port, None if extra is None else extra.harbor,
+            None if extra is None else extra.role,
         )
         self.log.debug("node {node} is at {endpoint}", node=str(node), endpoint=endpoint)
         return location
+
+
+def _is_refused(error: BaseException | None) -> bool:
+    """Whether a connect failed because nothing listens there."""
+    if isinstance(error, ConnectionRefusedError):
+        return True
+    return isinstance(error, ConnectError) and getattr(error, "osError", None) in (
+        errno.ECONNREFUSED, errno.ENOENT)
+
+
+def _role_of(location: NodeLocation) -> str:
+    if location.harbor is not None:
+        return f"harbor {location.harbor}"
+    if location.role is not None:
+        return f"a {location.role}"
+    return "not a skyproto process (no skyproto Extra)"
+
+
+@implementer(IStreamClientEndpoint)
+class NodeEndpoint:
+    """A client endpoint for ``name@host``: each :meth:`connect` asks ``host``'s mapper
+    afresh (through ``resolver``, whose cached answer for the name it drops first) and
+    dials the endpoint it answers, so a process that restarted on another port is found
+    there. ``role`` (e.g. ``"master"``) refuses a registration that is something else (a
+    harbor of that name); None takes whatever is registered. ``endpoint_for`` turns the
+    answer into an endpoint (default ``clientFromString``; tests give fakes).
+
+    A failed lookup errbacks with :class:`NodeNotFound` whose message says in words what
+    is missing, e.g. ``no skymaster registered with the mapper on hosta
+    (10.0.0.1:4369)`` or ``no mapper answers on hosta (10.0.0.1:4369): connection
+    refused``. :attr:`stage` says what the current (or last) attempt is doing, for a
+    timeout's message.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: IReactorTime, resolver: NodeResolver, node: str | NodeName,
+                 *, role: str | None = None,
+                 endpoint_for: Callable[[str], IStreamClientEndpoint] | None = None) -> None:
+        self.reactor = reactor
+        self.resolver = resolver
+        self.node = node if isinstance(node, NodeName) else _parse_node(node)
+        self.role = role
+        self._endpoint_for = endpoint_for if endpoint_for is not None else (
+            lambda description: clientFromString(reactor, description))
+        #: what the latest attempt did last, in words
+        self.stage = "not started"
+        #: the endpoint the latest successful lookup answered, if any
+        self.resolved: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<NodeEndpoint {self.node}>"
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        """Ask the mapper where the node is now, then connect ``factory`` there."""
+        return Deferred.fromCoroutine(self._connect(factory))
+
+    async def _connect(self, factory: IProtocolFactory) -> IProtocol:
+        node = self.node
+        self.resolver.invalidate(node)  # every attempt asks again: it may have moved
+        self.resolved = None
+        self.stage = f"asking the mapper on {node.host} for {node.name}"
+        try:
+            location = await self.resolver.lookup(node)
+        except NodeNotFound as e:
+            raise NodeNotFound(self.explain(e), kind=e.kind, node=node,
+                               mapper=e.mapper) from e
+        finally:
+            self.resolver.invalidate(node)  # nothing kept: the next attempt asks again
+        if self.role is not None and location.role != self.role:
+            raise NodeNotFound(
+                f"{node.name} on the mapper on {node.host} is {_role_of(location)}, "
+                f"not a {self.role}", kind="wrong-role", node=node)
+        try:
+            endpoint = self._endpoint_for(location.endpoint)
+        except (ValueError, KeyError, TypeError) as e:
+            raise NodeNotFound(
+                f"{node.name} is registered with the mapper on {node.host} at "
+                f"{location.endpoint!r}, which is not a client endpoint ({e})",
+                kind="bad-endpoint", node=node) from None
+        self.resolved = location.endpoint
+        self.stage = f"connecting to {location.endpoint} (from the mapper on {node.host})"
+        self.log.debug("{node} is at {endpoint}: connecting", node=str(node),
+                       endpoint=location.endpoint)
+        protocol: IProtocol = await endpoint.connect(factory)
+        return protocol
+
+    def explain(self, error: NodeNotFound) -> str:
+        """``error`` (from the resolver) in the words of someone dialling this endpoint."""
+        node = self.node
+        where = f"{node.host} ({error.mapper})" if error.mapper else node.host
+        cause = error.__cause__
+        if error.kind == "not-registered":
+            return f"no {node.name} registered with the mapper on {where}"
+        if error.kind == "no-mapper":
+            if _is_refused(cause):
+                why = "connection refused"
+            elif isinstance(cause, TimeoutError):
+                why = f"no answer within {self.resolver.timeout:g} s"
+            else:
+                why = f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
+            return f"no mapper answers on {where}: {why}"
+        if error.kind == "unknown-host":
+            return f"cannot resolve the host {node.host} of {node}: {cause}"
+        return str(error)
 
 
 def _parse_node(text: str) -> NodeName:

@@ -13,21 +13,24 @@ nothing we wait for comes over it (it only brings requests whose replies pile up
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..endpoints import is_node_name
+from ..endpoints import is_node_name, parse_client_endpoint
 from ..errors import ConfigurationError, HarborDown
 from ..harbor.link import HarborLink, HarborLinkFactory, LinkConfig
 from ..interfaces import IHarborLink, IMessageSink
+from ..wire.codec import Frame
 from .flow import FlowControl
 from .peer import Peer, PeerCore
 from .resolver import NodeResolver
@@ -39,8 +42,17 @@ Undeliverable = Callable[[IHarborLink, int, int, int, Exception], None]
 #: how many calls this node waits on from a harbor
 PendingTo = Callable[[int], int]
 
-#: endpoint strings parsed and kept at most (each node restart with tcp:0 brings a new one)
-MAX_PARSED_ENDPOINTS = 1024
+#: dials one node has in progress at most (connect and handshake); the rest wait their turn
+MAX_DIALS = 8
+
+
+@attrs.define(eq=False)
+class _DialTurn:
+    """A dial waiting for its turn: the Deferred its peer holds, then the real attempt."""
+
+    core: PeerCore
+    waiting: Deferred[Any] = attrs.field(init=False)
+    attempt: Deferred[Any] | None = None
 
 
 @implementer(IMessageSink)
@@ -65,11 +77,15 @@ class Router:
         flow: FlowControl | None = None,
         pending_to: PendingTo = lambda harbor: 0,
         load: Callable[[], int] | None = None,
+        max_dials: int = MAX_DIALS,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.config = config
         self.deliver = deliver
+        #: IMessageSink.data_received is the node's own delivery, with no frame between
+        #: (it runs for every message)
+        self.data_received: Deliver = deliver
         self.harbor_lost = harbor_lost
         self.undeliverable = undeliverable
         #: the incarnation the master says is live (None without a master)
@@ -86,10 +102,10 @@ class Router:
         self.pending_to = pending_to
         self.peers: dict[int, Peer] = {}
         self.stopping = False
-        # Parsing a plugin endpoint (loopback:, a user's own) makes Twisted look its plugins
-        # up again, about 0.5 ms a time: each endpoint string is parsed once and reused,
-        # for the endpoints peers use now (pruned when a peer moves or goes).
-        self._endpoints: dict[str, Any] = {}
+        #: dials in progress at most (see _start_dial); the others wait in _dial_queue
+        self.max_dials = max_dials
+        self._dials_in_progress = 0
+        self._dial_queue: deque[_DialTurn] = deque()
         #: every link object currently connected, up or not (for stop and for tests)
         self.links: set[HarborLink] = set()
         #: links this router stopped reading (their replies pile up), with the harbor
@@ -105,8 +121,7 @@ class Router:
             self._check_endpoint(harbor, endpoint)
             if known is None:
                 known = self.peers[harbor] = self._new_peer(harbor)
-            old, known.core.endpoint = known.core.endpoint, endpoint
-            self._prune_endpoint(old)
+            known.core.endpoint = endpoint
         if dial and not self.stopping:
             known.inputs.dial()
 
@@ -141,7 +156,6 @@ class Router:
         if incarnation is not None and link is not None and link.peer_incarnation > incarnation:
             return
         del self.peers[harbor]
-        self._prune_endpoint(peer.endpoint)
         peer.inputs.remove(reason)
         if link is not None:
             self._read_again(link)
@@ -161,7 +175,7 @@ class Router:
 
     # --- sending -----------------------------------------------------------------------
 
-    def send_frame(self, harbor: int, frame: bytes) -> None:
+    def send_frame(self, harbor: int, frame: Frame) -> None:
         """Send an encoded request or one-way frame toward ``harbor``: at once on its link,
         queued while the link comes up; HarborDown / QueueFull if it cannot be."""
         peer = self.peers.get(harbor)
@@ -169,7 +183,7 @@ class Router:
             raise HarborDown(f"harbor {harbor} is not known to this node")
         peer.send(frame)
 
-    def reply_frame(self, link: IHarborLink, frame: bytes) -> None:
+    def reply_frame(self, link: IHarborLink, frame: Frame) -> None:
         """Send a reply back to whoever asked on ``link``: on that link, or, if it was retired
         as a duplicate, on the link that replaced it to the same process (same incarnation).
         A reply is never refused for room; HarborDown if the asking process is gone."""
@@ -186,6 +200,8 @@ class Router:
     # --- IMessageSink ------------------------------------------------------------------
 
     def link_up(self, link: IHarborLink) -> None:
+        """A link finished its handshake: it becomes its harbor's link (replacing an older
+        incarnation's), and queued frames go out."""
         if self.stopping:  # a dial (or an accept) that completed after stop()
             link.close("node stopping")
             return
@@ -222,6 +238,8 @@ class Router:
         peer.inputs.attach(link)
 
     def link_down(self, link: IHarborLink, reason: BaseException) -> None:
+        """A link ended: if it was its harbor's link, the harbor is down (pending calls fail) and
+        dialed again if we know where it listens."""
         self._unread.discard(link)
         peer = self.peers.get(link.peer_harbor)
         if peer is None or peer.link is not link:
@@ -238,25 +256,38 @@ class Router:
         self.harbor_lost(peer.harbor, reason)
 
     def link_retired(self, link: IHarborLink) -> None:
+        """The peer retired this duplicate link: queue for its harbor until the kept one is up here.
+        """
         peer = self.peers.get(link.peer_harbor)
         self._read_again(link)
         if peer is not None and peer.link is link:
+            self.flow.drained(peer.harbor)
+            if peer.endpoint is not None and not self._may_replace(link):
+                # No other link is coming up that the peer could have kept (a peer that
+                # retires its only link): redial now rather than wait for none.
+                peer.inputs.lost("retired by the peer, with no other link to keep")
+                return
             # The peer chose the other link (we have not seen it up yet): queue until the
             # one it kept finishes its handshake here.
-            self.flow.drained(peer.harbor)
             peer.inputs.detach("retired by the peer")
 
-    def data_received(self, link: IHarborLink, source: int, destination: int, session: int,
-                      ptype: int, payload: Any) -> None:
-        self.deliver(link, source, destination, session, ptype, payload)
+    def _may_replace(self, link: IHarborLink) -> bool:
+        """Another link could be the one the peer kept instead of ``link``: one to the same
+        harbor, or one still in its handshake (whose harbor is not known yet)."""
+        return any(other is not link and not other.retired
+                   and (not other.up or other.peer_harbor == link.peer_harbor)
+                   for other in self.links)
 
     def bad_payload(self, link: IHarborLink, source: int, destination: int, session: int,
                     error: Exception) -> None:
+        """A message whose payload could not be read: log it and fail that message alone."""
         self.log.warn("unreadable payload from {source:#010x} on harbor {harbor}: {error}",
                       source=source, harbor=link.peer_harbor, error=str(error))
         self.undeliverable(link, source, destination, session, error)
 
     def link_congested(self, link: IHarborLink) -> None:
+        """Replies to a harbor pile up: stop reading its requests (unless we wait for its replies)
+        and tell the feeders."""
         harbor = link.peer_harbor
         self.flow.congested(harbor)
         # Replies to this harbor pile up: read no more of its requests, unless we wait for
@@ -266,6 +297,7 @@ class Router:
             link.pauseProducing()
 
     def link_drained(self, link: IHarborLink) -> None:
+        """A harbor's queue drained: read it again and tell the feeders."""
         self._read_again(link)
         self.flow.drained(link.peer_harbor)
 
@@ -278,18 +310,9 @@ class Router:
     # --- dialing -----------------------------------------------------------------------
 
     def client_endpoint(self, description: str) -> Any:
-        """The client endpoint for a description string, parsed once."""
-        endpoint = self._endpoints.get(description)
-        if endpoint is None:
-            if len(self._endpoints) >= MAX_PARSED_ENDPOINTS:
-                self._endpoints.clear()
-            endpoint = self._endpoints[description] = clientFromString(self.reactor, description)
-        return endpoint
-
-    def _prune_endpoint(self, description: str | None) -> None:
-        if description is not None and all(p.endpoint != description
-                                           for p in self.peers.values()):
-            self._endpoints.pop(description, None)
+        """The client endpoint for a description string, parsed once (for every router on
+        this reactor: see :func:`skyproto.endpoints.parse_client_endpoint`)."""
+        return parse_client_endpoint(self.reactor, description)
 
     def link_factory(self, dialer: bool = False, expect_harbor: int | None = None,
                      expect_incarnation: int | None = None) -> HarborLinkFactory:
@@ -302,17 +325,56 @@ class Router:
         return self.config.harbor if getattr(link, "dialer", False) else link.peer_harbor
 
     def _start_dial(self, core: PeerCore) -> Deferred[Any]:
-        """Dial ``core``'s harbor: resolve, connect, handshake, all within one timeout; the
-        outcome goes back to its machine exactly once."""
+        """Dial ``core``'s harbor now, or once one of the ``max_dials`` dials in progress
+        ends: a node that learns of a whole cluster at once would otherwise start every
+        handshake in one reactor pass, and in a large one (255 nodes in one process) no
+        handshake finished within its timeout. The timeout runs from the dial's start."""
+        self._dialable(core)
+        if self._dials_in_progress < self.max_dials:
+            return self._dial_now(core)
+        turn = _DialTurn(core)
+        turn.waiting = Deferred(lambda _: self._cancel_turn(turn))
+        self._dial_queue.append(turn)
+        return turn.waiting
+
+    def _dialable(self, core: PeerCore) -> Peer:
         peer = self.peers.get(core.harbor)
         if self.stopping or peer is None or peer.core is not core or core.endpoint is None:
             raise HarborDown("no longer dialing this harbor")
+        return peer
+
+    def _cancel_turn(self, turn: _DialTurn) -> None:
+        if turn.attempt is not None:
+            turn.attempt.cancel()
+        else:
+            with contextlib.suppress(ValueError):
+                self._dial_queue.remove(turn)
+
+    def _dial_ended(self, result: object) -> object:
+        self._dials_in_progress -= 1
+        while self._dial_queue and self._dials_in_progress < self.max_dials:
+            turn = self._dial_queue.popleft()
+            try:
+                self._dialable(turn.core)
+            except HarborDown as e:
+                turn.waiting.errback(e)  # its peer moved on meanwhile: nothing to tell
+                continue
+            turn.attempt = self._dial_now(turn.core)
+            turn.attempt.chainDeferred(turn.waiting)
+        return result
+
+    def _dial_now(self, core: PeerCore) -> Deferred[Any]:
+        """Resolve, connect, handshake, all within one timeout; the outcome goes back to
+        the peer's machine exactly once."""
+        peer = self._dialable(core)
+        self._dials_in_progress += 1
         inputs = peer.inputs
         # The master says which process is live there: a mapper's answer (or a stale cache)
         # pointing anywhere else fails the handshake, and the cache entry with it.
         factory = self.link_factory(dialer=True, expect_harbor=core.harbor,
                                     expect_incarnation=self.expected_incarnation(core.harbor))
         target = core.endpoint
+        assert target is not None  # _dialable checked it
         resolving: Deferred[str] = (
             self.resolver.resolve_node(target)
             if self.resolver is not None and is_node_name(target) else succeed(target))
@@ -329,6 +391,7 @@ class Router:
         attempt.addTimeout(self.config.handshake_timeout, self.clock)
         attempt.addCallbacks(lambda _: inputs.dial_done(),
                              lambda failure: self._dial_failed(core, failure))
+        attempt.addBoth(self._dial_ended)
         return attempt
 
     def _dial_failed(self, core: PeerCore, failure: Failure) -> None:

@@ -28,6 +28,8 @@ class Service:
     handle: int = 0
 
     def receive(self, source: int, session: int, payload: Any) -> Any:
+        """Handle one message from ``source``: the return value (or what a Deferred or coroutine
+        gives) is the reply when ``session`` is not 0. Override it."""
         raise NotImplementedError(f"{type(self).__name__} does not handle messages")
 
     def call(self, destination: int | str, payload: Any,

@@ -9,7 +9,7 @@ Prometheus families.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Final, TypeVar
+from typing import Final
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
@@ -26,8 +26,6 @@ from ..errors import (
 )
 
 __all__ = ["LATENCY_BUCKETS", "OUTCOMES", "CallStats", "outcome_of"]
-
-T = TypeVar("T")
 
 #: upper bounds (seconds) of the call latency histogram's buckets; +Inf comes last
 LATENCY_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -75,16 +73,21 @@ class CallStats:
         #: of those, the ones whose handler raised (or whose Deferred failed)
         self.handler_errors = 0
 
-    def call_done(self, result: T, started: float) -> T:
-        """A call's Deferred fired (a callback for ``addBoth``): count it, pass it on."""
+    def call_finished(self, error: BaseException | None, started: float) -> None:
+        """A call ended (``error``: why it failed, else None) that began at ``started``
+        (clock seconds): count it by outcome and latency. The session table calls this."""
         elapsed = self.clock.seconds() - started
-        outcome = (outcome_of(result.value or Exception()) if isinstance(result, Failure)
-                   else "ok")
+        outcome = "ok" if error is None else outcome_of(error)
         calls = self.calls
         calls[outcome] = calls.get(outcome, 0) + 1
         self.latency_buckets[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
         self.latency_sum += elapsed
-        return result
+
+    def call_failed(self, failure: Failure, started: float) -> Failure:
+        """An errback for a call that failed before it had a session (a name lookup):
+        count it, pass the failure on."""
+        self.call_finished(failure.value or Exception(), started)
+        return failure
 
     def sent(self, error: BaseException | None = None) -> None:
         """A ``send`` returned (``error``: what it raised)."""
@@ -93,4 +96,5 @@ class CallStats:
 
     @property
     def calls_finished(self) -> int:
+        """How many calls ended, whatever their outcome."""
         return sum(self.calls.values())

@@ -14,6 +14,7 @@ class Echo(Service):
     default_name = "ECHO"
 
     def receive(self, source: int, session: int, payload: Any) -> Any:
+        """Reply with the payload itself."""
         return payload
 
 
@@ -24,6 +25,8 @@ class Relay(Service):
     default_name = "RELAY"
 
     async def receive(self, source: int, session: int, payload: Any) -> Any:
+        """Call ``destination`` with ``payload`` (from ``[destination, payload]``) and reply with
+        its reply."""
         if not isinstance(payload, list) or len(payload) != 2:
             raise ValueError("relay takes [destination, payload]")
         destination, inner = payload

@@ -18,6 +18,8 @@ class SimpleDB(Service):
         self.data: dict[str, str] = {}
 
     def receive(self, source: int, session: int, payload: Any) -> Any:
+        """``["SET", key, value]`` stores a value (reply ``OK``); ``["GET", key]`` replies ``VALUE
+        v`` or ``NOTFOUND``; anything else raises ValueError with the usage."""
         match payload:
             case ["SET", str(key), str(value)]:
                 self.data[key] = value

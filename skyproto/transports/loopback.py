@@ -412,20 +412,25 @@ class LoopbackTransport:
     # TCP-ish options: flags only, there is no socket.
 
     def setTcpNoDelay(self, enabled: bool) -> None:
+        """Remembered only: nothing is delayed in memory."""
         self._tcp_no_delay = bool(enabled)
 
     def getTcpNoDelay(self) -> bool:
+        """What :meth:`setTcpNoDelay` was told."""
         return self._tcp_no_delay
 
     def setTcpKeepAlive(self, enabled: bool) -> None:
+        """Remembered only: an in-memory connection needs no keep-alive."""
         self._tcp_keep_alive = bool(enabled)
 
     def getTcpKeepAlive(self) -> bool:
+        """What :meth:`setTcpKeepAlive` was told."""
         return self._tcp_keep_alive
 
     # ILoggingContext
 
     def logPrefix(self) -> str:
+        """The protocol's class name and ``loopback``, for Twisted's log."""
         return f"{type(self.protocol).__name__},loopback"
 
     # internals
@@ -655,6 +660,7 @@ class LoopbackPort:
         return succeed(None)
 
     def getHost(self) -> LoopbackAddress:
+        """The address this port listens on."""
         return LoopbackAddress(self.name, "server", 0)
 
 
@@ -793,6 +799,7 @@ class LoopbackServerParser:
     def parseStreamServer(
         self, reactor: IReactorCore, *args: object, **kwargs: object
     ) -> LoopbackServerEndpoint:
+        """``loopback:NAME`` as a server endpoint."""
         return LoopbackServerEndpoint(_reactor_time(reactor), _name_from_description(args, kwargs))
 
 
@@ -805,4 +812,5 @@ class LoopbackClientParser:
     def parseStreamClient(
         self, reactor: IReactorCore, *args: object, **kwargs: object
     ) -> LoopbackClientEndpoint:
+        """``loopback:NAME`` as a client endpoint."""
         return LoopbackClientEndpoint(_reactor_time(reactor), _name_from_description(args, kwargs))

@@ -256,6 +256,7 @@ class SkyTLSServerParser:
 
     def parseStreamServer(self, reactor: IReactorCore, *args: object,
                           **kwargs: object) -> IStreamServerEndpoint:
+        """``skytls:PORT[:interface=...][:dir=...]`` as a mutual-TLS server endpoint."""
         description = _description(args, kwargs)
         _require_pyopenssl(description)
         fields = _options(args, kwargs, ("port",), _SERVER_OPTIONS, description)
@@ -338,6 +339,8 @@ class SkyTLSServerEndpoint:
         self.interface = interface
 
     def listen(self, factory: IProtocolFactory) -> Deferred[Any]:
+        """Listen on TCP and wrap each connection in TLS that requires a client certificate from the
+        cluster CA."""
         from twisted.internet.abstract import isIPv6Address
         from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 
@@ -366,6 +369,8 @@ class SkyTLSClientEndpoint:
         self.bind_address = bind_address
 
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        """Connect with TCP and TLS, presenting our certificate and accepting only the cluster CA's.
+        """
         from twisted.internet.endpoints import HostnameEndpoint
 
         identity = self.identity or default_identity()
@@ -392,6 +397,7 @@ class SkyTLSClientParser:
 
     def parseStreamClient(self, reactor: IReactorCore, *args: object,
                           **kwargs: object) -> SkyTLSClientEndpoint:
+        """``skytls:HOST:PORT[:dir=...]`` as a mutual-TLS client endpoint."""
         description = _description(args, kwargs)
         _require_pyopenssl(description)
         fields = _options(args, kwargs, ("host", "port"), _CLIENT_OPTIONS, description)

@@ -46,12 +46,15 @@ class Running:
         self.stopped = False
 
     def start(self) -> None:
+        """The daemon runs: healthy from now on."""
         self.running = True
 
     def stop(self) -> None:
+        """The daemon is stopping: unhealthy from now on."""
         self.running, self.stopped = False, True
 
     def check(self) -> str | None:
+        """None when running, else why not (starting or stopping)."""
         if self.running:
             return None
         return f"the {self.what} is stopping" if self.stopped else f"the {self.what} is starting"
@@ -78,22 +81,27 @@ class NodeHealth(Running):
         self._sampler.clock = clock
 
     def start(self) -> None:
+        """Start sampling whether the node is joined to its master."""
         super().start()
         self.master_seen = self.clock.seconds()
         if not self._sampler.running:
             self._sampler.start(self.interval, now=True)
 
     def stop(self) -> None:
+        """Stop sampling."""
         super().stop()
         if self._sampler.running:
             self._sampler.stop()
 
     def sample(self) -> None:
+        """Note the time if the node is joined to its master now."""
         master = self.node.master
         if master is not None and master.connected:
             self.master_seen = self.clock.seconds()
 
     def check(self) -> str | None:
+        """None when healthy, else why not: stopping, refused by its master, or away from it longer
+        than the grace."""
         stopping = super().check()
         if stopping is not None:
             return stopping
@@ -126,6 +134,7 @@ class HealthResource(Resource):
         self.health = health
 
     def render_GET(self, request: Request) -> bytes:
+        """``ok`` (200), or the reason (503)."""
         reason = self.health.check()
         set_headers(request, content_type=b"text/plain; charset=utf-8", cache_control=b"no-store")
         if reason is None:

@@ -124,6 +124,7 @@ class NodeCollector(Collector):
         self.host_mapper = host_mapper
 
     def collect(self) -> Iterator[Metric]:
+        """The node's metrics: identity, calls by outcome and latency, links, queues, services."""
         node = self.node
         stats = node.stats
         info = {"harbor": str(node.harbor), "incarnation": str(node.incarnation)}
@@ -233,6 +234,7 @@ class GateCollector(Collector):
         self.gate = gate
 
     def collect(self) -> Iterator[Metric]:
+        """The gate's metrics: clients, connections, evictions, requests."""
         gate = self.gate
         yield _gauge("skyproto_gate_clients", "Clients connected to the gate.", len(gate.clients))
         yield _by_label(CounterMetricFamily(
@@ -260,6 +262,8 @@ class MasterCollector(Collector):
         self._first_sequence = master.registry.sequence
 
     def collect(self) -> Iterator[Metric]:
+        """The master's metrics: nodes, connections by state, names, groups, failures before
+        authentication."""
         master = self.master
         yield _gauge("skyproto_master_nodes", "Nodes joined to this master.", len(master.joined))
         states = Counter(connection.state for connection in list(master.connections))
@@ -290,6 +294,7 @@ class MapperCollector(Collector):
         self.mapper = mapper
 
     def collect(self) -> Iterator[Metric]:
+        """The mapper's metrics: registered names, connections and request counters."""
         mapper = self.mapper
         yield _gauge("skyproto_mapper_registered_names", "Node names registered now.",
                      len(mapper.table))

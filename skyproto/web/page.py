@@ -200,6 +200,7 @@ class ClusterPage(Resource):
         self.table = table
 
     def render_GET(self, request: Request) -> bytes:
+        """The cluster page: the master's table as HTML."""
         _no_cache(request, b"text/html; charset=utf-8", _POLICY)
         return render_page(status_object(self.table())).encode("utf-8")
 
@@ -215,6 +216,7 @@ class StatusResource(Resource):
         self.store = store
 
     def render_GET(self, request: Request) -> bytes:
+        """The master's table as ``skyproto status --json`` prints it."""
         _no_cache(request, b"application/json")
         return json.dumps(status_object(self.table(), self.store)).encode("utf-8") + b"\n"
 
@@ -229,6 +231,7 @@ class IndexPage(Resource):
         self.what = what
 
     def render_GET(self, request: Request) -> bytes:
+        """A short page linking to ``/metrics`` and ``/health``."""
         _no_cache(request, b"text/html; charset=utf-8", b"default-src 'none'")
         what = escape(self.what)
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

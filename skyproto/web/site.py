@@ -60,6 +60,7 @@ class MetricsResource(Resource):
         self.registry = registry
 
     def render_GET(self, request: Request) -> bytes:
+        """The metrics in the format the client accepts (``name[]`` restricts them)."""
         accept = request.getHeader(b"accept")
         encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
         registry: Any = self.registry
@@ -80,6 +81,7 @@ class QuietSite(Site):
     logger = Logger()
 
     def log(self, request: http.Request) -> None:
+        """Each request at debug level only (scrapers would flood the log)."""
         peer = request.getClientAddress()  # type: ignore[no-untyped-call]
         self.logger.debug("{method} {path} from {peer}: {code}",
                           method=request.method.decode("latin-1"),
@@ -98,6 +100,7 @@ class Web:
     has_page: bool = False
 
     def service(self) -> WebService:
+        """The service that starts and stops the health checks with the daemon."""
         return WebService(self.health)
 
 
@@ -108,10 +111,12 @@ class WebService(Service):
         self.health = health
 
     def startService(self) -> None:
+        """Start the health checks."""
         super().startService()  # type: ignore[no-untyped-call]
         self.health.start()
 
     def stopService(self) -> None:
+        """Stop the health checks."""
         super().stopService()  # type: ignore[no-untyped-call]
         self.health.stop()
 

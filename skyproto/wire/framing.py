@@ -28,7 +28,8 @@ import struct
 from collections import deque
 from typing import Final
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet import tcp, unix
+from twisted.internet.interfaces import IPushProducer, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -105,6 +106,7 @@ class FrameProtocol(Protocol):
 
     @property
     def max_frame(self) -> int:
+        """The largest frame accepted now (before authentication, a smaller limit may apply)."""
         return self.MAX_LENGTH
 
     def authenticated(self) -> None:
@@ -136,6 +138,7 @@ class FrameProtocol(Protocol):
         return self.MAX_LENGTH + 2 * _LENGTH_SIZE + WRITE_CHUNK + RECORD_OVERHEAD
 
     def connectionMade(self) -> None:
+        """Register for the transport's full/drained notifications."""
         assert self.transport is not None
         register = getattr(self.transport, "registerProducer", None)
         if register is not None:
@@ -163,16 +166,19 @@ class FrameProtocol(Protocol):
                 f"(limit {self.max_outbound}); not sending {size} more"
             )
 
-    def write_bytes(self, data: bytes, must: bool = True) -> None:
+    def write_bytes(self, data: bytes, must: bool = True, now: bool = False) -> None:
         """Write already framed bytes (as one record once sealed), or queue them while the
-        transport is full."""
+        transport is full. ``now``: try the socket at once (see :func:`send_now`)."""
         if not must and (self.transport_full or self._held):
             self.check_room(len(data))
         if self._sealer is not None:
             data = self._sealer.seal(data)
         if not self.transport_full and not self._held:
             assert self.transport is not None
-            self.transport.write(data)
+            if now:
+                send_now(self.transport, data)
+            else:
+                self.transport.write(data)
             return
         self._held.append(data)
         self.held_bytes += len(data)
@@ -186,18 +192,21 @@ class FrameProtocol(Protocol):
         assert self.transport is not None and not self._held
         if self._sealer is not None:
             data = self._sealer.seal(data)
-        self.transport.write(data)
+        send_now(self.transport, data)  # large pieces: the socket, not another join first
 
-    def write_frames(self, frames: list[bytes]) -> None:
+    def write_frames(self, frames: list[bytes], now: bool = False) -> None:
         """Write framed bytes that must go (replies made together): joined into writes of
         up to ``WRITE_CHUNK`` bytes while the transport takes them, queued once it is full,
-        so the queue counts what really waits."""
+        so the queue counts what really waits. ``now``: as for :meth:`write_bytes`."""
+        if len(frames) == 1 and len(frames[0]) < WRITE_CHUNK:
+            self.write_bytes(frames[0], True, now)
+            return
         chunk: list[bytes] = []
         size = 0
         for index, data in enumerate(frames):
             if self.transport_full or self._held:
                 if chunk:
-                    self.write_bytes(b"".join(chunk))
+                    self.write_bytes(b"".join(chunk), True, now)
                     chunk, size = [], 0
                 for rest in frames[index:]:
                     self.write_bytes(rest)
@@ -205,10 +214,10 @@ class FrameProtocol(Protocol):
             chunk.append(data)
             size += len(data)
             if size >= WRITE_CHUNK:
-                self.write_bytes(b"".join(chunk))
+                self.write_bytes(b"".join(chunk), True, now)
                 chunk, size = [], 0
         if chunk:
-            self.write_bytes(b"".join(chunk))
+            self.write_bytes(b"".join(chunk), True, now)
 
     def transport_drained(self) -> None:
         """The transport wants more: hand it queued bytes until it is full again."""
@@ -241,6 +250,7 @@ class FrameProtocol(Protocol):
     # --- receiving ---------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        """Bytes in: every whole frame (record, once sealed) is handled, the rest waits."""
         if self._opened:
             self._handle_opened()
         buffer = self._unprocessed + data if self._unprocessed else data
@@ -262,7 +272,10 @@ class FrameProtocol(Protocol):
                 break
             frame = buffer[start:offset]
             if opener is None:
-                self.stringReceived(frame)
+                try:
+                    self.frame_received(frame)
+                except ProtocolError as e:
+                    self.drop(f"protocol error: {e}")
             else:
                 self._record_received(opener, frame)
         self._unprocessed = buffer[offset:]
@@ -287,23 +300,27 @@ class FrameProtocol(Protocol):
         frames = self._opened
         offset = self._opened_offset
         end = len(frames)
-        while offset < end:
-            if self.paused:
-                self._opened_offset = offset
-                return
-            if end - offset < _LENGTH_SIZE:
-                self.drop("a sealed record ends inside a frame length")
-                return
-            (length,) = _unpack_length(frames, offset)
-            if length > self.MAX_LENGTH:
-                self.lengthLimitExceeded(length)
-                return
-            start = offset + _LENGTH_SIZE
-            offset = start + length
-            if offset > end:
-                self.drop("a sealed record ends inside a frame")
-                return
-            self.stringReceived(frames[start:offset])
+        handle = self.frame_received
+        try:
+            while offset < end:
+                if self.paused:
+                    self._opened_offset = offset
+                    return
+                if end - offset < _LENGTH_SIZE:
+                    self.drop("a sealed record ends inside a frame length")
+                    return
+                (length,) = _unpack_length(frames, offset)
+                if length > self.MAX_LENGTH:
+                    self.lengthLimitExceeded(length)
+                    return
+                start = offset + _LENGTH_SIZE
+                offset = start + length
+                if offset > end:
+                    self.drop("a sealed record ends inside a frame")
+                    return
+                handle(frames[start:offset])
+        except ProtocolError as e:
+            self.drop(f"protocol error: {e}")
         self._opened = b""
 
     def plain_frame_before_sealed(self, frame: bytes) -> None:
@@ -312,6 +329,8 @@ class FrameProtocol(Protocol):
         self.drop("a plain frame on a sealed connection")
 
     def stringReceived(self, string: bytes) -> None:
+        """One whole frame, as Twisted's IntNStringReceiver would deliver it: handled by
+        :meth:`frame_received`, whose ProtocolError drops the connection."""
         try:
             self.frame_received(string)
         except ProtocolError as e:
@@ -322,16 +341,19 @@ class FrameProtocol(Protocol):
         raise NotImplementedError
 
     def lengthLimitExceeded(self, length: int) -> None:
+        """A frame over the limit: drop the connection."""
         self.drop(f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH} bytes")
 
     # --- IPushProducer: the reader pauses between frames ----------------------------------
 
     def pauseProducing(self) -> None:
+        """Stop reading the peer (and handling what is buffered)."""
         self.paused = True
         if self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
+        """Read the peer again (a dropped connection never does)."""
         if self.drop_reason is not None:  # a dropped connection never reads again
             return
         self.paused = False
@@ -340,6 +362,7 @@ class FrameProtocol(Protocol):
         self.dataReceived(b"")
 
     def stopProducing(self) -> None:
+        """Stop reading for good."""
         self.paused = True
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
@@ -368,6 +391,34 @@ class FrameProtocol(Protocol):
         emit("dropping connection from {peer}: {reason}",
              peer=describe_peer(self.transport), reason=reason)
         self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def send_now(transport: ITransport, data: bytes) -> None:
+    """Write ``data``, trying the socket at once when nothing is buffered before it.
+
+    Twisted's transports always buffer a write until the reactor's next turn: two epoll
+    changes and a wake-up per write, which dominate a request/response exchange. Like
+    asyncio's selector transports, a plain TCP or UNIX connection with an empty buffer is
+    written directly here; whatever the socket does not take (or any other transport:
+    TLS, the in-memory loopback) goes through ``transport.write`` as usual. A framed
+    protocol calls this once per batch of frames it made while handling input, so a burst
+    of writes made elsewhere is still joined by Twisted."""
+    if (type(transport) in _DIRECT_TRANSPORTS and transport.connected  # type: ignore[attr-defined]
+            and not transport.dataBuffer and not transport._tempDataBuffer  # type: ignore[attr-defined]
+            and not transport.disconnecting and not transport._writeDisconnected  # type: ignore[attr-defined]
+            and not transport.TLS):  # type: ignore[attr-defined]
+        sent = transport.writeSomeData(data)  # type: ignore[attr-defined]
+        if type(sent) is int:
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # a lost connection: the reactor will notice it; write as if nothing happened
+    transport.write(data)
+
+
+#: transports whose socket :func:`send_now` may write to directly (Twisted's own plain
+#: TCP and UNIX connections: not their TLS or other wrappers)
+_DIRECT_TRANSPORTS: Final = frozenset({tcp.Server, tcp.Client, unix.Server, unix.Client})
 
 
 def describe_peer(transport: object) -> str:

@@ -34,6 +34,9 @@ class HeartbeatTiming:
 
 
 class HeartbeatTimer:
+    """Beats every ``interval`` and calls ``silent`` after ``timeout`` seconds with nothing heard,
+    on the injected clock."""
+
     log = Logger()
 
     def __init__(self, clock: IReactorTime, interval: float, timeout: float,
@@ -50,9 +53,11 @@ class HeartbeatTimer:
 
     @property
     def running(self) -> bool:
+        """Whether the timer is started."""
         return self._running
 
     def start(self) -> None:
+        """Start beating and watching, counting from now."""
         now = self.clock.seconds()
         self._running = True
         self.last_heard = now
@@ -70,9 +75,11 @@ class HeartbeatTimer:
             self._schedule(now)
 
     def heard(self) -> None:
+        """Something arrived from the peer: it is alive now."""
         self.last_heard = self.clock.seconds()
 
     def stop(self) -> None:
+        """Stop beating and watching."""
         self._running = False
         self._cancel()
 

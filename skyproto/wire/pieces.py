@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Final
 
 from ..errors import ProtocolError
-from .codec import FrameKind
+from .codec import Frame, FrameKind, SplitFrame
 
 PIECE: Final = int(FrameKind.PIECE)
 FIRST: Final = 1
@@ -54,12 +54,24 @@ def piece_frame(stream: int, flags: int, chunk: bytes | memoryview, total: int =
 class _Stream:
     """One large message being cut into pieces."""
 
-    __slots__ = ("body", "offset", "stream")
+    __slots__ = ("head", "length", "offset", "rest", "stream")
 
-    def __init__(self, body: memoryview, stream: int) -> None:
-        self.body = body
+    def __init__(self, head: memoryview, rest: memoryview, stream: int) -> None:
+        #: the body is ``head`` then ``rest`` (a SplitFrame's payload; else empty)
+        self.head = head
+        self.rest = rest
+        self.length = len(head) + len(rest)
         self.offset = 0
         self.stream = stream
+
+    def take(self, start: int, end: int) -> bytes | memoryview:
+        """Bytes ``start:end`` of the body (a view, but where they span both parts)."""
+        split = len(self.head)
+        if end <= split:
+            return self.head[start:end]
+        if start >= split:
+            return self.rest[start - split:end - split]
+        return bytes(self.head[start:]) + self.rest[:end - split]
 
 
 #: what waits in a lane: a large message (a _Stream) or a whole small frame (bytes)
@@ -80,7 +92,8 @@ class PieceScheduler:
         self._write = write
         self.piece_size = piece_size
         self.budget = budget
-        self._lanes: dict[bytes, deque[_Item]] = {}
+        #: what waits, by (source, destination) pair; empty while nothing large is sent
+        self.lanes: dict[bytes, deque[_Item]] = {}
         self._next_stream = 1
         #: the totals of the streams started and not finished (the receiver holds these)
         self.in_flight = 0
@@ -88,51 +101,56 @@ class PieceScheduler:
         self.queued = 0
 
     def __bool__(self) -> bool:
-        return bool(self._lanes)
+        return bool(self.lanes)
 
-    def is_large(self, frame: bytes) -> bool:
+    def is_large(self, frame: Frame) -> bool:
         """A framed data message that goes in pieces."""
         return len(frame) - _PREFIX.size > self.piece_size
 
-    def waits_behind(self, frame: bytes) -> bool:
+    def waits_behind(self, frame: Frame) -> bool:
         """This framed data message's pair has a lane: it must queue there."""
-        return bool(self._lanes) and frame[_PREFIX.size + 1:_PREFIX.size + 9] in self._lanes
+        whole = frame.head if isinstance(frame, SplitFrame) else frame
+        return bool(self.lanes) and whole[_PREFIX.size + 1:_PREFIX.size + 9] in self.lanes
 
-    def add(self, frame: bytes) -> None:
+    def add(self, frame: Frame) -> None:
         """Queue a framed data message (large, or small behind a lane of its pair)."""
-        body = memoryview(frame)[_PREFIX.size:]
-        pair = bytes(body[_PAIR])
+        if isinstance(frame, SplitFrame):
+            head, rest = memoryview(frame.head)[_PREFIX.size:], memoryview(frame.payload)
+        else:
+            head, rest = memoryview(frame)[_PREFIX.size:], memoryview(b"")
+        pair = bytes(head[_PAIR])
+        size = len(head) + len(rest)
         item: _Item
-        if len(body) > self.piece_size:
-            item = _Stream(body, self._next_stream)
+        if size > self.piece_size:
+            item = _Stream(head, rest, self._next_stream)
             self._next_stream = self._next_stream % 0xFFFFFFFF + 1
         else:
-            item = frame
-        self._lanes.setdefault(pair, deque()).append(item)
-        self.queued += len(body)
+            item = frame.joined() if isinstance(frame, SplitFrame) else frame
+        self.lanes.setdefault(pair, deque()).append(item)
+        self.queued += size
 
     def pump(self) -> None:
         """Write a piece (or a small message) from each lane in turn, until the transport
         is full or every lane is empty or waits for budget."""
-        while self._lanes:
+        while self.lanes:
             moved = False
-            for pair in list(self._lanes):
-                lane = self._lanes[pair]
+            for pair in list(self.lanes):
+                lane = self.lanes[pair]
                 head = lane[0]
                 if isinstance(head, bytes):
                     lane.popleft()
                     self.queued -= len(head) - _PREFIX.size
                     more = self._write(head)
-                elif head.offset == 0 and not self._may_start(len(head.body)):
+                elif head.offset == 0 and not self._may_start(head.length):
                     continue
                 else:
                     more = self._write(self._next_piece(head))
-                    if head.offset == len(head.body):
+                    if head.offset == head.length:
                         lane.popleft()
-                        self.in_flight -= len(head.body)
+                        self.in_flight -= head.length
                 moved = True
                 if not lane:
-                    del self._lanes[pair]
+                    del self.lanes[pair]
                 if not more:
                     return
             if not moved:
@@ -143,18 +161,18 @@ class PieceScheduler:
 
     def _next_piece(self, stream: _Stream) -> bytes:
         start = stream.offset
-        end = min(start + self.piece_size, len(stream.body))
-        flags = (FIRST if start == 0 else 0) | (LAST if end == len(stream.body) else 0)
+        end = min(start + self.piece_size, stream.length)
+        flags = (FIRST if start == 0 else 0) | (LAST if end == stream.length else 0)
         if start == 0:
-            self.in_flight += len(stream.body)
+            self.in_flight += stream.length
         stream.offset = end
         self.queued -= end - start
-        return piece_frame(stream.stream, flags, stream.body[start:end], len(stream.body))
+        return piece_frame(stream.stream, flags, stream.take(start, end), stream.length)
 
     def clear(self) -> int:
         """The link is gone: forget everything; return how many bytes waited."""
         dropped = self.queued
-        self._lanes.clear()
+        self.lanes.clear()
         self.queued = self.in_flight = 0
         return dropped
 
@@ -164,6 +182,8 @@ class PieceAssembler:
 
     def __init__(self, budget: int = DEFAULT_MAX_MESSAGE) -> None:
         self.budget = budget
+        #: each stream's total and its pieces so far (views: nothing is copied until the
+        #: message is whole, and then once, into what the receiver decodes)
         self._streams: dict[int, tuple[int, list[memoryview]]] = {}
         self._got: dict[int, int] = {}
         #: the totals of the streams begun and not finished
@@ -171,6 +191,13 @@ class PieceAssembler:
 
     def receive(self, frame: bytes) -> bytes | None:
         """One PIECE frame (kind byte first); the whole body once its last piece is in."""
+        parts = self.receive_parts(frame)
+        return None if parts is None else b"".join(parts)
+
+    def receive_parts(self, frame: bytes | memoryview) -> list[memoryview] | None:
+        """As :meth:`receive`, but the whole body as the pieces' views, in order, for a
+        receiver that copies them once into what it needs (see
+        :func:`skyproto.wire.codec.decode_payload_parts`)."""
         if len(frame) < _HEAD.size:
             raise ProtocolError("a piece too short for its header")
         _, stream, flags = _HEAD.unpack_from(frame)
@@ -193,21 +220,22 @@ class PieceAssembler:
             self.in_flight += total
         elif stream not in self._streams:
             raise ProtocolError(f"a piece of stream {stream}, which never started")
-        total, chunks = self._streams[stream]
+        total, parts = self._streams[stream]
         chunk = memoryview(frame)[start:]
         got = self._got[stream] + len(chunk)
         if got > total or (flags & LAST and got != total):
             raise ProtocolError(f"the pieces of stream {stream} make {got} bytes, "
                                 f"its first piece said {total}")
-        chunks.append(chunk)
+        parts.append(chunk)
         self._got[stream] = got
         if not flags & LAST:
             return None
         del self._streams[stream], self._got[stream]
         self.in_flight -= total
-        return b"".join(chunks)
+        return parts
 
     def clear(self) -> None:
+        """Forget every message being assembled (the link is gone)."""
         self._streams.clear()
         self._got.clear()
         self.in_flight = 0
