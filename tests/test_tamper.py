@@ -138,6 +138,9 @@ async def test_a_tampered_harbor_link_fails_at_once_and_never_changes_a_value(
             tokens.append(token)
             await relay.arm(mode, way)
             outcome = await outcome_of(caller.call(ALPHA_ECHO, token))
+            # The relay says so after it sent the frame: the caller may have its answer first.
+            await wait_for(lambda m=mode, w=way: relay.applied(m, w) >= 1,
+                           f"the relay to apply {mode} {way}", 10)
             assert relay.applied(mode, way) == 1
             # never a changed value: an error, or the true answer when only a copy was hurt
             if (mode, way) == ("replay", "down"):
@@ -195,6 +198,8 @@ async def test_a_tampered_master_connection_fails_at_once_and_never_changes_a_va
             # a name registered through the relay: a changed value would bind another handle
             handle = node.spawn(Echo())
             outcome = await outcome_of(client.register_name(f"TAMPER{number}", handle))
+            await wait_for(lambda m=mode, w=way: relay.applied(m, w) >= 1,
+                           f"the relay to apply {mode} {way}", 10)
             assert relay.applied(mode, way) == 1
             if mode == "replay":
                 assert outcome is None or isinstance(outcome, SkyprotoError), outcome
