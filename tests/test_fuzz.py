@@ -977,7 +977,8 @@ def test_master_client_protocol_replies_or_drops(stage, welcome, stream, sizes):
         feed(master.protocol, master.transport, master.seal(stream), sizes)
         for reply in master.replies():  # only what a node may send to its master
             assert type(reply).__name__ in {"Join", "Observe", "BindName", "UnbindName",
-                                            "LookupName", "GetTable", "MasterHeartbeat"}
+                                            "LookupName", "GetTable", "MasterHeartbeat",
+                                            "ServicesReport"}  # the answer to QueryServices
         if master.transport.disconnecting:
             assert_dropped_with_a_reason(events, ":40004", "port=40004)", "refused this node")
         master.protocol.connectionLost(Failure(ConnectionDone()))

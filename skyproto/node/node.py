@@ -526,15 +526,7 @@ class Node:
         harbor = handle >> 24
         session, deferred = self.sessions.new(timeout, harbor)
         try:
-            if harbor == self.harbor:
-                self._send_request(source or self.handle, handle, -session, payload)
-            else:
-                frame = self._frame(source or self.handle, handle, -session, _NORMAL, payload)
-                peer = self.router.peers.get(harbor)
-                if peer is None:
-                    self.router.send_frame(harbor, frame)  # raises, saying why
-                else:
-                    peer.send(frame)
+            self._send_request(source or self.handle, handle, -session, payload)
         except Exception as e:
             self.sessions.fail(session, e)
         return deferred

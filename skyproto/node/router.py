@@ -356,9 +356,8 @@ class Router:
             turn = self._dial_queue.popleft()
             try:
                 self._dialable(turn.core)
-            except HarborDown as e:
-                turn.waiting.errback(e)  # its peer moved on meanwhile: nothing to tell
-                continue
+            except HarborDown:
+                continue  # its peer moved on meanwhile: nobody waits for this turn
             turn.attempt = self._dial_now(turn.core)
             turn.attempt.chainDeferred(turn.waiting)
         return result

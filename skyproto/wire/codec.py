@@ -82,8 +82,7 @@ class _Reader:
         except BaseException as e:
             self.decoder.fp = buffer
             raise _malformed(e) from None
-        if buffer.tell() != len(data):
-            raise ProtocolError(f"{len(data) - buffer.tell()} trailing bytes after the CBOR item")
+        _check_consumed(buffer, data)
         return value
 
     def _decode_large(self, data: bytes | bytearray | memoryview) -> Any:
@@ -98,9 +97,14 @@ class _Reader:
             raise _malformed(e) from None
         finally:
             self.decoder.fp = self.buffer
-        if stream.tell() != len(data):
-            raise ProtocolError(f"{len(data) - stream.tell()} trailing bytes after the CBOR item")
+        _check_consumed(stream, data)
         return value
+
+
+def _check_consumed(stream: io.BytesIO, data: bytes | bytearray | memoryview) -> None:
+    """The decoder read all of ``data``: one item and nothing after it."""
+    if stream.tell() != len(data):
+        raise ProtocolError(f"{len(data) - stream.tell()} trailing bytes after the CBOR item")
 
 
 def _string_extent(start: bytes | bytearray | memoryview, total: int) -> tuple[int, int] | None:
