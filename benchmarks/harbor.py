@@ -34,7 +34,8 @@ order (forward, backward, ...), so that figures compared in a ratio are measured
 each other in time; each figure reports its median round, with the failures of all.
 "CPU us" is the CPU time both processes (client and server) used over the measured span,
 per call: on a shared machine, a steadier figure than the rate, since the other load takes
-time from both peers but adds little CPU to either (``*_cpu_us`` in the JSON).
+time from both peers but adds little CPU to either (``*_cpu_us`` in the JSON, and the
+client's part of it as ``*_client_cpu_us``).
 With ``--json`` the last line of stdout is one JSON object: the
 16 B figures under the names above, the 4 KiB ones with a ``_4k`` suffix, the 64 KiB ones
 with ``_64k``, latencies as ``*_p50_us`` / ``*_p99_us``, the target ratios as ``ratio_*``,
@@ -787,6 +788,8 @@ def summarise(results: dict[str, Result], skipped: dict[str, str]) -> dict[str, 
         if result.cpu_us_per_op:
             base, suffix = split_key(key)
             summary[f"{base}_cpu_us{suffix}"] = round(result.cpu_us_per_op, 2)
+            summary[f"{base}_client_cpu_us{suffix}"] = round(
+                result.cpu_client / result.ops * 1e6, 2)
         if result.errors:
             summary[f"{key}_errors"] = result.errors
     for key, result in results.items():

@@ -50,6 +50,10 @@ class IMessageSink(Interface):
     ) -> None:
         """One data message arrived on ``link``; ``session`` is signed as on the wire."""
 
+    def reply_received(session: int, payload: Any, harbor: int) -> bool:
+        """A successful reply (session above 0, type NORMAL) from ``harbor`` arrived: the
+        node's session table completes the call (False: no such call waits)."""
+
     def bad_payload(
         link: IHarborLink, source: int, destination: int, session: int, error: Exception
     ) -> None:

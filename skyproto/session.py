@@ -3,7 +3,8 @@
 skynet keeps a counter per service and parks a coroutine on each id; we park a Deferred.
 Ids run from 1 to 2**31-1 and wrap, skipping ids still pending; 0 means "no reply wanted".
 On the wire a request carries its id negated and the reply carries it positive (see
-docs/wire-format.md). Every operation is O(1) except ``fail_all``, which is O(calls failed).
+docs/wire-format.md). Making and resolving a call is O(1) and allocates one Deferred and
+one tuple; failing the calls of one harbor is O(calls pending).
 """
 
 from __future__ import annotations
@@ -22,30 +23,39 @@ from .interfaces import ISessionTable
 SESSION_MAX: Final = 2**31 - 1
 
 
-#: deadlines are kept in buckets of this many seconds; a call times out at most this late
+#: timers fire on a grid of this many seconds; a call times out at most this late
 DEADLINE_RESOLUTION: Final = 0.05
 
-
-class _Pending:
-    """One call waiting for its reply: small and fixed-size."""
-
-    __slots__ = ("bucket", "deferred", "harbor", "started", "timeout")
-
-    def __init__(self, deferred: Deferred[Any], harbor: int, started: float) -> None:
-        self.deferred = deferred
-        self.harbor = harbor
-        self.started = started
-        self.bucket = 0
-        self.timeout = 0.0
-
+# A pending call is one tuple: (its Deferred, the harbor it went to, when it started in
+# clock seconds, its deadline bucket, its timeout). The bucket says how it times out:
+_AGED: Final = 0  #: after the table's default timeout: found by age (see SessionTable)
+_NEVER: Final = -1  #: not at all
+# ... and any bucket above 0 is a deadline bucket of its own (an explicit timeout).
+_DEFERRED: Final = 0
+_HARBOR: Final = 1
+_STARTED: Final = 2
+_BUCKET: Final = 3
+_TIMEOUT: Final = 4
 
 #: told of every call that ends: (None, or why it failed; when it started, clock seconds)
 Finished = Callable[[BaseException | None, float], None]
 
 
+def _grid_after(seconds: float) -> int:
+    """The first grid point (a bucket number) at or after ``seconds``."""
+    return -int(-seconds // DEADLINE_RESOLUTION)
+
+
 @implementer(ISessionTable)
 class SessionTable:
-    """Allocates session ids, times calls out on ``clock``, and resolves them by id."""
+    """Allocates session ids, times calls out on ``clock``, and resolves them by id.
+
+    No timer is armed per call. Calls with the default timeout (nearly all) are made in
+    time order, so ``_pending``, a dict, holds them in deadline order too: one timer waits
+    for the oldest, and when it fires it fails what is due and sleeps until the next
+    oldest. A call with a timeout of its own goes into the bucket of its deadline
+    (``DEADLINE_RESOLUTION`` wide), with one timer for the earliest bucket.
+    """
 
     log = Logger()
 
@@ -62,12 +72,10 @@ class SessionTable:
         self.finished = finished
         self.default_timeout = default_timeout
         self.id_limit = id_limit
-        self._pending: dict[int, _Pending] = {}
-        self._by_harbor: dict[int, set[int]] = {}
+        self._pending: dict[int, tuple[Deferred[Any], int, float, int, float]] = {}
+        self._per_harbor: dict[int, int] = {}  #: pending calls per harbor tag
         self._next = first_id
-        # Timeouts without a timer per call: sessions grouped by deadline bucket, and one
-        # timer for the earliest bucket. Scheduling a DelayedCall per call cost more than
-        # the rest of a call's bookkeeping together.
+        self._aged_timer: IDelayedCall | None = None
         self._buckets: dict[int, set[int]] = {}
         self._timer: IDelayedCall | None = None
         self._timer_bucket = 0
@@ -79,7 +87,12 @@ class SessionTable:
 
     def pending_to(self, harbor: int) -> int:
         """How many calls tagged ``harbor`` wait for their reply."""
-        return len(self._by_harbor.get(harbor, ()))
+        return self._per_harbor.get(harbor, 0)
+
+    @property
+    def timers(self) -> list[IDelayedCall]:
+        """The table's armed timers (at most two: one for aged calls, one for buckets)."""
+        return [t for t in (self._aged_timer, self._timer) if t is not None and t.active()]
 
     def __contains__(self, session: int) -> bool:
         return session in self._pending
@@ -92,30 +105,23 @@ class SessionTable:
         that ``fail_all(reason, harbor)`` finds it.
         """
         pending = self._pending
-        limit = self.id_limit
-        if len(pending) >= limit:
-            raise RuntimeError("every session id is in use")
         session = self._next
-        while session in pending:
-            session = session + 1 if session < limit else 1
-        self._next = session + 1 if session < limit else 1
-
+        self._next = session + 1
+        if session > self.id_limit or session in pending:
+            session = self._free_id()
         deferred: Deferred[Any] = Deferred(lambda _: self._cancel(session))
         now = self.clock.seconds()
-        entry = _Pending(deferred, harbor, now)
-        pending[session] = entry
-        if harbor:
-            tagged = self._by_harbor.get(harbor)
-            if tagged is None:
-                self._by_harbor[harbor] = {session}
-            else:
-                tagged.add(session)
-        if timeout is None:
+        if timeout is None or timeout == self.default_timeout:
             timeout = self.default_timeout
-        if timeout:
-            bucket = -int(-(now + timeout) // DEADLINE_RESOLUTION)  # ceil
-            entry.bucket = bucket
-            entry.timeout = timeout
+            if timeout:
+                pending[session] = (deferred, harbor, now, _AGED, timeout)
+                if self._aged_timer is None:
+                    self._aged_timer = self.clock.callLater(timeout, self._expire_aged)
+            else:
+                pending[session] = (deferred, harbor, now, _NEVER, 0.0)
+        elif timeout > 0:
+            bucket = _grid_after(now + timeout)
+            pending[session] = (deferred, harbor, now, bucket, timeout)
             sessions = self._buckets.get(bucket)
             if sessions is None:
                 self._buckets[bucket] = {session}
@@ -123,21 +129,46 @@ class SessionTable:
                     self._schedule(bucket)
             else:
                 sessions.add(session)
+        else:
+            pending[session] = (deferred, harbor, now, _NEVER, 0.0)
+        counts = self._per_harbor
+        counts[harbor] = counts.get(harbor, 0) + 1
         return session, deferred
+
+    def _free_id(self) -> int:
+        """The next id not pending, from ``_next`` on, wrapping to 1 after ``id_limit``."""
+        pending = self._pending
+        limit = self.id_limit
+        if len(pending) >= limit:
+            raise RuntimeError("every session id is in use")
+        session = self._next - 1
+        while session > limit or session < 1 or session in pending:
+            session = session + 1 if session < limit else 1
+        self._next = session + 1
+        return session
 
     def resolve(self, session: int, value: object, harbor: int | None = None) -> bool:
         """Fire a session's Deferred with ``value``; False (logged) if no such session waits (from
         ``harbor``, when given)."""
         # _forget in line: this runs for every reply
-        entry = self._pending.get(session)
-        if entry is None or (harbor is not None and entry.harbor != harbor):
+        pending = self._pending
+        entry = pending.get(session)
+        if entry is None or (harbor is not None and entry[1] != harbor):
             self._unknown(session, "reply")
             return False
-        del self._pending[session]
-        self._release(session, entry)
+        del pending[session]
+        counts = self._per_harbor
+        tag = entry[1]
+        left = counts[tag] - 1
+        if left:
+            counts[tag] = left
+        else:
+            del counts[tag]
+        if entry[3] > 0:
+            self._unbucket(session, entry[3])
         if self.finished is not None:
-            self.finished(None, entry.started)
-        entry.deferred.callback(value)
+            self.finished(None, entry[2])
+        entry[0].callback(value)
         return True
 
     def fail(self, session: int, reason: BaseException, harbor: int | None = None) -> bool:
@@ -148,8 +179,8 @@ class SessionTable:
             self._unknown(session, "error reply")
             return False
         if self.finished is not None:
-            self.finished(reason, entry.started)
-        entry.deferred.errback(reason)
+            self.finished(reason, entry[2])
+        entry[0].errback(reason)
         return True
 
     def _unknown(self, session: int, what: str) -> None:
@@ -160,15 +191,49 @@ class SessionTable:
     def fail_all(self, reason: BaseException, harbor: int | None = None) -> int:
         """Errback every pending session (those to ``harbor``, when given) with ``reason``; how
         many."""
-        chosen = self._pending if harbor is None else self._by_harbor.get(harbor, ())
-        sessions = list(chosen)
+        if harbor is None:
+            sessions = list(self._pending)
+        else:
+            sessions = [s for s, entry in self._pending.items() if entry[1] == harbor]
         for session in sessions:
             self.fail(session, reason)
-        if not self._pending and self._timer is not None:  # nothing left to time out
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        if not self._pending:  # nothing left to time out
+            for timer in self.timers:
+                timer.cancel()
+            self._aged_timer = self._timer = None
         return len(sessions)
+
+    def _expire_aged(self) -> None:
+        """The oldest call with the default timeout may be due: fail every such call that is,
+        then sleep until the next one's deadline (on the grid, so that a burst of calls
+        times out in a few timer runs, not one run each)."""
+        self._aged_timer = None
+        timeout = self.default_timeout
+        if not timeout:
+            return
+        # A call is due once its deadline has passed, give or take a float rounding.
+        now = self.clock.seconds() + 1e-6
+        due: list[int] = []
+        next_deadline: float | None = None
+        for session, entry in self._pending.items():
+            if entry[3] == _AGED:
+                deadline = entry[2] + timeout
+                if deadline > now:
+                    next_deadline = deadline
+                    break
+                due.append(session)
+        for session in due:
+            self.fail(session, CallTimeout(f"no reply within {timeout:g} s (session {session})"))
+        if next_deadline is not None:
+            self._arm_aged(next_deadline)
+
+    def _arm_aged(self, deadline: float) -> None:
+        """Wake at the first grid point after ``deadline``, instead of any timer armed by a
+        call made meanwhile (from an errback of a call timed out: its deadline is later)."""
+        if self._aged_timer is not None and self._aged_timer.active():
+            self._aged_timer.cancel()
+        delay = max(0.0, _grid_after(deadline) * DEADLINE_RESOLUTION - self.clock.seconds())
+        self._aged_timer = self.clock.callLater(delay, self._expire_aged)
 
     def _schedule(self, bucket: int) -> None:
         if self._timer is not None and self._timer.active():
@@ -186,37 +251,56 @@ class SessionTable:
                 entry = self._pending.get(session)
                 if entry is not None:
                     self.fail(session, CallTimeout(
-                        f"no reply within {entry.timeout:g} s (session {session})"))
+                        f"no reply within {entry[4]:g} s (session {session})"))
         if self._buckets:
             self._schedule(min(self._buckets))
 
     def _cancel(self, session: int) -> None:
         entry = self._forget(session)
         if entry is not None and self.finished is not None:
-            self.finished(CancelledError(), entry.started)
+            self.finished(CancelledError(), entry[2])
 
-    def _forget(self, session: int, harbor: int | None = None) -> _Pending | None:
+    def _forget(self, session: int, harbor: int | None = None
+                ) -> tuple[Deferred[Any], int, float, int, float] | None:
         """Remove a pending call; with ``harbor``, only if the call went to that harbor."""
         pending = self._pending
         entry = pending.get(session)
-        if entry is None or (harbor is not None and entry.harbor != harbor):
+        if entry is None or (harbor is not None and entry[1] != harbor):
             return None
         del pending[session]
-        self._release(session, entry)
+        counts = self._per_harbor
+        left = counts[entry[1]] - 1
+        if left:
+            counts[entry[1]] = left
+        else:
+            del counts[entry[1]]
+        if entry[3] > 0:
+            self._unbucket(session, entry[3])
         return entry
 
-    def _release(self, session: int, entry: _Pending) -> None:
-        """A call removed from ``_pending``: out of its deadline bucket and harbor set too."""
-        if entry.bucket:
-            sessions = self._buckets[entry.bucket]
-            sessions.discard(session)
-            if not sessions:
-                # The timer stays: it runs once, finds nothing due and sleeps until the next
-                # bucket, which is cheaper than cancelling it after every sequential call
-                # and arming it again for the next.
-                del self._buckets[entry.bucket]
-        if entry.harbor:
-            tagged = self._by_harbor[entry.harbor]
-            tagged.discard(session)
-            if not tagged:
-                del self._by_harbor[entry.harbor]
+    def _unbucket(self, session: int, bucket: int) -> None:
+        """A call with a timeout of its own is over: out of its deadline bucket."""
+        sessions = self._buckets[bucket]
+        sessions.discard(session)
+        if not sessions:
+            # The timer stays: it runs once, finds nothing due and sleeps until the next
+            # bucket, which is cheaper than cancelling it and arming it again.
+            del self._buckets[bucket]
+
+    def inconsistencies(self) -> list[str]:
+        """What is wrong with the table's own indexes (for tests): each count per harbor
+        and each deadline bucket must match the pending calls, and no call may wait
+        whose Deferred has fired."""
+        problems = []
+        counts: dict[int, int] = {}
+        for entry in self._pending.values():
+            counts[entry[1]] = counts.get(entry[1], 0) + 1
+        if counts != self._per_harbor:
+            problems.append(f"calls per harbor {self._per_harbor}, pending {counts}")
+        bucketed = {s for s, entry in self._pending.items() if entry[3] > 0}
+        indexed = set().union(*self._buckets.values()) if self._buckets else set()
+        if bucketed != indexed or not all(self._buckets.values()):
+            problems.append(f"buckets {self._buckets} for the calls {sorted(bucketed)}")
+        if any(entry[0].called for entry in self._pending.values()):
+            problems.append("a call whose Deferred fired still waits")
+        return problems

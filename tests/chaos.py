@@ -734,18 +734,8 @@ class Chaos:
             if not low <= table.pending <= low + extra:
                 self.problem(f"{member!r} holds {table.pending} session ids for {low} "
                              f"outstanding calls (+{extra} still looking a name up)")
-            pending = table._pending
-            tagged = {s for s, entry in pending.items() if entry.harbor}
-            indexed = set().union(*table._by_harbor.values()) if table._by_harbor else set()
-            if tagged != indexed or any(not v for v in table._by_harbor.values()):
-                self.problem(f"{member!r}: _by_harbor {table._by_harbor} does not match the "
-                             f"pending sessions {sorted(tagged)}")
-            timed = {s for s, entry in pending.items() if entry.bucket}
-            bucketed = set().union(*table._buckets.values()) if table._buckets else set()
-            if timed != bucketed or any(not v for v in table._buckets.values()):
-                self.problem(f"{member!r}: _buckets do not match the pending sessions")
-            if any(entry.deferred.called for entry in pending.values()):
-                self.problem(f"{member!r} keeps a session whose Deferred already fired")
+            for problem in table.inconsistencies():
+                self.problem(f"{member!r}'s session table: {problem}")
 
     def converged(self) -> str | None:
         """None once the healed cluster agrees with the master; else the first difference."""
@@ -833,14 +823,12 @@ class Chaos:
             table = member.node.sessions
             # An idle deadline timer may remain, but only until the latest deadline a call
             # made now could have: it runs once and finds nothing (it is not a leak).
-            timer = table._timer
-            timer_left = timer is not None and (
-                not timer.active()
-                or timer.getTime() > self.now() + (table.default_timeout or 0) + 0.1)
-            if table.pending or table._by_harbor or table._buckets or timer_left:
+            latest = self.now() + (table.default_timeout or 0) + 0.1
+            timers_left = [t for t in table.timers if t.getTime() > latest]
+            if table.pending or table.inconsistencies() or timers_left:
                 self.problem(f"{member!r} leaks sessions after settling ({label}): "
-                             f"{table.pending} pending, _by_harbor {table._by_harbor}, "
-                             f"buckets {table._buckets}, timer {table._timer}")
+                             f"{table.pending} pending, {table.inconsistencies()}, "
+                             f"timers {[t.getTime() for t in timers_left]}")
             master = member.node.master
             assert master is not None
             if not member.dead and (master._requests.pending or master._ready):

@@ -200,3 +200,16 @@ def test_a_large_byte_payload_frames_as_the_generic_encoder_would():
     assert len(frame) == len(whole)
     assert whole == encode_data_frame(0x01000001, 0x02000003, -7, 0, cbor2.dumps(payload))
     assert decode_payload(whole[4 + DATA_HEADER.size:]) == payload
+
+
+def test_short_byte_strings_are_read_without_the_decoder_and_checked_all_the_same():
+    from skyproto.errors import ProtocolError
+    from skyproto.wire.codec import decode_payload
+
+    for value in (b"", b"x", bytes(range(16)), bytes(23)):
+        assert decode_payload(cbor2.dumps(value)) == value
+        assert type(decode_payload(bytearray(cbor2.dumps(value)))) is bytes
+    with pytest.raises(ProtocolError):
+        decode_payload(cbor2.dumps(b"abc") + b"\x00")  # trailing bytes
+    with pytest.raises(ProtocolError):
+        decode_payload(cbor2.dumps(b"abc")[:-1])  # cut short

@@ -684,6 +684,10 @@ class RecordingSink:
                       ptype: int, payload: Any) -> None:
         self.events.append(("data", (source, destination, session, ptype, payload)))
 
+    def reply_received(self, session: int, payload: Any, harbor: int) -> bool:
+        self.events.append(("reply", (session, payload, harbor)))
+        return True
+
     def bad_payload(self, link: Any, source: int, destination: int, session: int,
                     error: Exception) -> None:
         self.events.append(("bad", error))

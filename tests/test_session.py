@@ -164,7 +164,8 @@ def test_fail_all_filtered_by_harbor():
     assert table.fail_all(HarborDown("all")) == 1
     assert outcome(to4).check(HarborDown)
     assert table.pending == 0
-    assert table._by_harbor == {}
+    assert table.pending_to(3) == table.pending_to(4) == 0
+    assert table.inconsistencies() == []
 
 
 def test_full_table_is_refused():
@@ -182,7 +183,8 @@ def test_memory_is_constant_per_call():
         s, _ = table.new(harbor=2)
         table.resolve(s, None)
     assert table.pending == 0
-    assert table._by_harbor == {}
+    assert table._per_harbor == {} and table._buckets == {}
+    assert table.inconsistencies() == []
 
 
 def test_timeouts_at_awkward_float_times_fire_once_and_promptly():
@@ -200,3 +202,79 @@ def test_timeouts_at_awkward_float_times_fire_once_and_promptly():
         assert clock.seconds() >= 0.1 + t - 1e-9
     assert table.pending == 0
     assert clock.getDelayedCalls() == []
+
+
+def test_calls_with_the_default_timeout_time_out_oldest_first_on_one_timer():
+    """Default-timeout calls are found by age: one timer, calls failing in the order made,
+    none early, each at most one grid step late."""
+    from skyproto.session import DEADLINE_RESOLUTION
+
+    clock = Clock()
+    table = SessionTable(clock, default_timeout=2)
+    made = []
+    for n in range(50):
+        made.append((clock.seconds(), table.new()[1]))
+        clock.advance(0.013 * (n % 3))
+    failed_at = {}
+    for _, d in made:
+        d.addErrback(lambda f, d=d: failed_at.setdefault(id(d), clock.seconds()) and None)
+    assert len(table.timers) == 1
+    while table.pending:
+        clock.advance(0.01)
+    for started, d in made:
+        assert started + 2 - 1e-9 <= failed_at[id(d)] <= started + 2 + DEADLINE_RESOLUTION + 0.01
+    order = [failed_at[id(d)] for _, d in made]
+    assert order == sorted(order)
+    assert table.timers == [] and table.inconsistencies() == []
+
+
+def test_aged_and_bucketed_calls_mix():
+    """A call with its own timeout, a call with none and calls with the default one: each
+    times out when it should, whatever the order they were made in."""
+    clock = Clock()
+    table = SessionTable(clock, default_timeout=5)
+    _, never = table.new(timeout=0)
+    _, short = table.new(timeout=1)
+    _, default = table.new()
+    _, same_as_default = table.new(timeout=5)  # the default given explicitly: found by age
+    _, long = table.new(timeout=9)
+    clock.advance(1.1)
+    assert outcome(short).check(CallTimeout) and not default.called
+    clock.advance(4)
+    assert outcome(default).check(CallTimeout)
+    assert outcome(same_as_default).check(CallTimeout)
+    assert not long.called
+    clock.advance(4)
+    assert outcome(long).check(CallTimeout)
+    assert not never.called and table.pending == 1
+    assert table.inconsistencies() == []
+
+
+def test_a_call_made_by_a_timed_out_calls_errback_still_times_out():
+    clock = Clock()
+    table = SessionTable(clock, default_timeout=1)
+    _, first = table.new()
+    _, second = table.new()
+    clock.advance(0.5)
+    _, third = table.new()  # due at 1.5
+    retried = []
+    first.addErrback(lambda f: (retried.append(table.new()[1]), f)[1])  # due at 2.05
+    clock.advance(0.55)
+    assert outcome(first).check(CallTimeout) and outcome(second).check(CallTimeout)
+    assert not third.called and len(retried) == 1
+    clock.advance(0.5)
+    assert outcome(third).check(CallTimeout) and not retried[0].called
+    clock.advance(0.55)
+    assert outcome(retried[0]).check(CallTimeout)
+    assert table.pending == 0 and table.inconsistencies() == []
+
+
+def test_a_reply_from_the_wrong_harbor_leaves_the_call_waiting_in_its_place():
+    clock = Clock()
+    table = SessionTable(clock, default_timeout=1)
+    s, d = table.new(harbor=3)
+    _, later = table.new(harbor=3)
+    assert not table.resolve(s, "forged", harbor=4)
+    assert not d.called and table.pending_to(3) == 2
+    clock.advance(1.01)  # still the oldest: it times out first, with the other
+    assert outcome(d).check(CallTimeout) and outcome(later).check(CallTimeout)

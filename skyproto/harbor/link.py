@@ -9,6 +9,7 @@ up, carries data, or goes down.
 from __future__ import annotations
 
 import contextlib
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,6 @@ from ..wire.codec import (
     Frame,
     FrameKind,
     PayloadType,
-    SplitFrame,
     decode_data_header,
     decode_payload,
     decode_payload_parts,
@@ -54,7 +54,9 @@ from .handshake import HandshakeRefused, LinkHandshake
 from .messages import HARBOR_CODEC, Heartbeat, LinkRefused, LinkRetired
 
 _CONTROL = bytes([FrameKind.CONTROL])
-_DATA = FrameKind.DATA
+_DATA = int(FrameKind.DATA)
+_DATA_KIND = bytes([_DATA])  # compared with every frame's first byte (a cached 1-byte slice)
+_NORMAL = int(PayloadType.NORMAL)
 _CLOSED = Failure(ConnectionDone())
 #: handshake messages are under 200 bytes; nothing bigger is read before the proof
 HANDSHAKE_MAX_FRAME = 4096
@@ -131,6 +133,7 @@ class HarborLink(FrameProtocol):
         self._batch: list[bytes] | None = None
         self._batch_size = 0
         self._data_received = sink.data_received
+        self._reply_received = sink.reply_received
         self._harbor = config.harbor
         #: this node's load, told to the peer in every heartbeat
         self._load = load
@@ -181,7 +184,9 @@ class HarborLink(FrameProtocol):
         finally:
             self._batch = None
             if batch and self.transport is not None:
-                self.write_frames(batch, now=True)
+                # Under WRITE_CHUNK and one frame (write_frame sends each chunk as it fills),
+                # so it goes as one write, or waits as one if the transport is full.
+                self.write_bytes(batch[0] if len(batch) == 1 else b"".join(batch), True, True)
 
     def transport_drained(self) -> None:
         """The peer takes our bytes again: alive, and queued pieces may flow."""
@@ -195,10 +200,12 @@ class HarborLink(FrameProtocol):
     def frame_received(self, frame: bytes) -> None:
         """One frame: a data message (checked and delivered on the fast path), a piece, or a control
         message for the handshake or the link."""
-        if frame and frame[0] == _DATA and self.up:
-            if len(frame) < _HEADER_SIZE:
+        if frame[:1] == _DATA_KIND and self.up:
+            try:
+                _, source, destination, session, ptype = _unpack_header(frame)
+            except struct.error:  # shorter than a header
                 decode_data_header(frame)  # raises, saying what is wrong
-            _, source, destination, session, ptype = _unpack_header(frame)
+                raise
             if session == _SESSION_MIN or ptype > _MAX_PTYPE:
                 decode_data_header(frame)
             if source >> 24 != self.peer_harbor or destination >> 24 != self._harbor:
@@ -209,7 +216,10 @@ class HarborLink(FrameProtocol):
             except ProtocolError as e:
                 self.sink.bad_payload(self, source, destination, session, e)
                 return
-            self._data_received(self, source, destination, session, ptype, payload)
+            if session > 0 and ptype == _NORMAL:  # a reply: straight to the session table
+                self._reply_received(session, payload, self.peer_harbor)
+            else:
+                self._data_received(self, source, destination, session, ptype, payload)
         elif frame and frame[0] == PIECE and self.up:
             parts = self._assembler.receive_parts(frame)
             if parts is not None:
@@ -228,7 +238,7 @@ class HarborLink(FrameProtocol):
         once out of the pieces (the first piece holds the whole header: pieces are at least
         1024 bytes)."""
         first = parts[0]
-        if first[:1] != bytes([_DATA]):
+        if first[:1] != _DATA_KIND:
             raise ProtocolError("a message in pieces that is not a data message")
         source, destination, session, ptype = decode_data_header(first)
         if source >> 24 != self.peer_harbor or destination >> 24 != self._harbor:
@@ -299,9 +309,10 @@ class HarborLink(FrameProtocol):
         FrameTooLarge over the message limit, QueueFull when ``must`` is false and the queue is
         full."""
         pieces = self._pieces
-        if len(frame) > self._small_frame or (pieces.lanes and pieces.waits_behind(frame)):
-            if len(frame) - 4 > self.config.max_message:
-                raise FrameTooLarge(len(frame) - 4, self.config.max_message)
+        size = len(frame)
+        if size > self._small_frame or (pieces.lanes and pieces.waits_behind(frame)):
+            if size - 4 > self.config.max_message:
+                raise FrameTooLarge(size - 4, self.config.max_message)
             if not must and pieces.queued + self.held_bytes > self.max_outbound:
                 raise QueueFull(f"{pieces.queued + self.held_bytes} bytes already wait for "
                                 f"a slow peer (limit {self.max_outbound})")
@@ -309,16 +320,16 @@ class HarborLink(FrameProtocol):
             if self._writable():
                 pieces.pump()
             return
-        if isinstance(frame, SplitFrame):  # small enough to go whole on this link
+        if not isinstance(frame, bytes):  # a SplitFrame small enough to go whole here
             frame = frame.joined()
         batch = self._batch
         if batch is None:
             self.write_bytes(frame, must)
             return
-        if not must and self.held_bytes + len(frame) > self.max_outbound:
-            self.check_room(len(frame))  # raises QueueFull
+        if not must and self.held_bytes + size > self.max_outbound:
+            self.check_room(size)  # raises QueueFull
         batch.append(frame)
-        self._batch_size += len(frame)
+        self._batch_size += size
         if self._batch_size >= WRITE_CHUNK:
             # Out now: the transport may fill, and then this link stops reading requests
             # whose replies would only pile up (the router pauses it between frames).

@@ -37,7 +37,6 @@ from ..endpoints import listener_client_endpoint
 from ..errors import (
     CallError,
     ConfigurationError,
-    FrameTooLarge,
     HarborDown,
     NameConflict,
     NoSuchService,
@@ -50,7 +49,7 @@ from ..master.client import JoinInfo, MasterClient
 from ..master.messages import ServiceInfo
 from ..session import SESSION_MAX, SessionTable
 from ..transports.loopback import LoopbackAddress
-from ..wire.codec import Frame, PayloadType, encode_data_message
+from ..wire.codec import PayloadType, encode_data_message
 from ..wire.framing import DEFAULT_MAX_FRAME, DEFAULT_MAX_OUTBOUND
 from ..wire.pieces import DEFAULT_MAX_MESSAGE, DEFAULT_PIECE_SIZE
 from .cluster import ClusterMembership
@@ -122,6 +121,7 @@ class Node:
         self.sessions = SessionTable(reactor, default_timeout,
                                      first_id=self.rng.randrange(SESSION_MAX) + 1,
                                      finished=self.stats.call_finished)
+        self._max_message = max_message
         self.config = LinkConfig(harbor, self.incarnation, secret, heartbeat_interval,
                                  heartbeat_timeout, max_frame=max_frame,
                                  max_message=max_message, piece_size=piece_size,
@@ -132,7 +132,7 @@ class Node:
                              self._undeliverable, self._expected_incarnation,
                              max_queue_bytes=max_queue_bytes, rng=self.rng, resolver=resolver,
                              flow=self.flow, pending_to=self.sessions.pending_to,
-                             load=self.load)
+                             load=self.load, reply_received=self.sessions.resolve)
         self.services: dict[int, IServiceBehaviour] = {}
         #: names this node bound itself: local (``.x``) ones, and global ones it holds
         self.names: dict[str, int] = {}
@@ -360,7 +360,8 @@ class Node:
 
     def _send_system(self, harbor: int, payload: list[Any]) -> None:
         node = make_handle(harbor, NODE_LOCAL_ID)
-        self.router.send_frame(harbor, self._frame(self.handle, node, 0, _SYSTEM, payload))
+        self.router.send_frame(harbor, encode_data_message(
+            self.handle, node, 0, _SYSTEM, payload, self._max_message))
 
     def _unregister_failed(self, failure: Failure, name: str) -> None:
         self.log.info("name {name} stays at the master until its harbor leaves: {why}",
@@ -511,20 +512,17 @@ class Node:
         # Each call is counted once, when it ends (by outcome, with its latency): by the
         # session table once it has a session, else here (see CallStats).
         if type(destination) is int:
-            return self._call(destination, payload, timeout, source)
-        try:
-            handle = self.resolve(destination)
-        except NoSuchService as e:
-            if self.master is None or not isinstance(destination, str) or destination[:1] == ".":
-                self.stats.call_finished(e, self.reactor.seconds())
-                return _failed(e)
-            return self._call_after_lookup(destination, payload, timeout, source)
-        return self._call(handle, payload, timeout, source)
-
-    def _call(self, handle: int, payload: Any, timeout: float | None,
-              source: int | None) -> Deferred[Any]:
-        harbor = handle >> 24
-        session, deferred = self.sessions.new(timeout, harbor)
+            handle = destination
+        else:
+            try:
+                handle = self.resolve(destination)
+            except NoSuchService as e:
+                if (self.master is None or not isinstance(destination, str)
+                        or destination[:1] == "."):
+                    self.stats.call_finished(e, self.reactor.seconds())
+                    return _failed(e)
+                return self._call_after_lookup(destination, payload, timeout, source)
+        session, deferred = self.sessions.new(timeout, handle >> 24)
         try:
             self._send_request(source or self.handle, handle, -session, payload)
         except Exception as e:
@@ -546,11 +544,11 @@ class Node:
             if handle is None:
                 error = NoSuchService(f"no service is named {name!r}")
             elif not budget:
-                return self._call(handle, payload, timeout, source)
+                return self.call(handle, payload, timeout, source)
             else:
                 left = budget - (self.reactor.seconds() - started)
                 if left > 0:
-                    return self._call(handle, payload, left, source)
+                    return self.call(handle, payload, left, source)
                 error = CallTimeout(f"no reply within {budget:g} s (looking {name} up took it)")
             self.stats.call_finished(error, started)
             raise error
@@ -576,17 +574,8 @@ class Node:
                 raise NoSuchService(f"no service :{destination:08x}")
             self._local(source, destination, session, _NORMAL, payload)
         else:
-            self.router.send_frame(harbor, self._frame(source, destination, session, _NORMAL,
-                                                       payload))
-
-    def _frame(self, source: int, destination: int, session: int, ptype: int,
-               payload: Any) -> Frame:
-        """One data frame, length prefix included; FrameTooLarge if over the message limit
-        (a frame longer than a piece travels in pieces)."""
-        frame = encode_data_message(source, destination, session, ptype, payload)
-        if len(frame) - 4 > self.config.max_message:
-            raise FrameTooLarge(len(frame) - 4, self.config.max_message)
-        return frame
+            self.router.send_frame(harbor, encode_data_message(
+                source, destination, session, _NORMAL, payload, self._max_message))
 
     def _local(self, source: int, destination: int, session: int, ptype: int,
                payload: Any) -> None:
@@ -695,13 +684,17 @@ class Node:
             return
         try:
             try:
-                frame = self._frame(source, destination, session, ptype, payload)
-            except (TypeError, ValueError, FrameTooLarge) as e:  # CBOR cannot carry it
-                frame = self._frame(source, destination, session, _ERROR, error_payload(e))
+                frame = encode_data_message(source, destination, session, ptype, payload,
+                                            self._max_message)
+            except (TypeError, ValueError) as e:  # CBOR cannot carry it, or it is too large
+                frame = encode_data_message(source, destination, session, _ERROR,
+                                            error_payload(e), self._max_message)
             if link is None:  # a local request made with a remote ``source``
                 self.router.send_frame(destination >> 24, frame)
+            elif link.up and not link.retired:  # the usual case, in line: back on the link
+                link.write_frame(frame, True)
             else:
-                self.router.reply_frame(link, frame)
+                self.router.reply_frame(link, frame)  # a replaced link's, or lost
         except Exception as e:
             # The caller's link is gone, so its calls failed there with HarborDown.
             # ``destination`` came off the wire: written as it is, even if it is no handle

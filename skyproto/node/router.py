@@ -78,6 +78,8 @@ class Router:
         pending_to: PendingTo = lambda harbor: 0,
         load: Callable[[], int] | None = None,
         max_dials: int = MAX_DIALS,
+        *,
+        reply_received: Callable[[int, Any, int], bool],
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
@@ -86,6 +88,9 @@ class Router:
         #: IMessageSink.data_received is the node's own delivery, with no frame between
         #: (it runs for every message)
         self.data_received: Deliver = deliver
+        #: IMessageSink.reply_received: the node's session table's resolve, straight (the
+        #: link hands it every successful reply)
+        self.reply_received = reply_received
         self.harbor_lost = harbor_lost
         self.undeliverable = undeliverable
         #: the incarnation the master says is live (None without a master)
@@ -181,7 +186,12 @@ class Router:
         peer = self.peers.get(harbor)
         if peer is None:
             raise HarborDown(f"harbor {harbor} is not known to this node")
-        peer.send(frame)
+        core = peer.core
+        if core.state == "up":  # Peer.send's first case, in line: this runs for every call
+            assert core.link is not None
+            core.link.write_frame(frame, False)
+        else:
+            peer.send(frame)
 
     def reply_frame(self, link: IHarborLink, frame: Frame) -> None:
         """Send a reply back to whoever asked on ``link``: on that link, or, if it was retired

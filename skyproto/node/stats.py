@@ -56,13 +56,13 @@ def outcome_of(error: BaseException) -> str:
 class CallStats:
     """Calls and sends by outcome, call latency, messages handled by local services."""
 
-    __slots__ = ("calls", "clock", "handled", "handler_errors", "latency_buckets",
-                 "latency_sum", "sends")
+    __slots__ = ("_calls_ok", "_failed_calls", "clock", "handled", "handler_errors",
+                 "latency_buckets", "latency_sum", "sends")
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        #: finished calls by outcome (``ok`` or a label of :data:`OUTCOMES`, or ``error``)
-        self.calls: dict[str, int] = {}
+        self._calls_ok = 0  # apart from the failed ones: bumped on every reply
+        self._failed_calls: dict[str, int] = {}
         #: one-way messages by outcome (``ok``: handed on; else why ``send`` raised)
         self.sends: dict[str, int] = {}
         #: finished calls per latency bucket (not cumulative), the last one for +Inf
@@ -77,11 +77,21 @@ class CallStats:
         """A call ended (``error``: why it failed, else None) that began at ``started``
         (clock seconds): count it by outcome and latency. The session table calls this."""
         elapsed = self.clock.seconds() - started
-        outcome = "ok" if error is None else outcome_of(error)
-        calls = self.calls
-        calls[outcome] = calls.get(outcome, 0) + 1
+        if error is None:
+            self._calls_ok += 1
+        else:
+            outcome = outcome_of(error)
+            failed = self._failed_calls
+            failed[outcome] = failed.get(outcome, 0) + 1
         self.latency_buckets[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
         self.latency_sum += elapsed
+
+    @property
+    def calls(self) -> dict[str, int]:
+        """Finished calls by outcome (``ok`` or a label of :data:`OUTCOMES`, or ``error``)."""
+        counts = {"ok": self._calls_ok} if self._calls_ok else {}
+        counts.update(self._failed_calls)
+        return counts
 
     def call_failed(self, failure: Failure, started: float) -> Failure:
         """An errback for a call that failed before it had a session (a name lookup):

@@ -23,7 +23,7 @@ from typing import Any, Final, TypeVar
 import attrs
 import cbor2
 
-from ..errors import ProtocolError
+from ..errors import FrameTooLarge, ProtocolError
 
 MAX_DEPTH: Final = 32
 
@@ -70,8 +70,11 @@ class _Reader:
         self.decoder.fp = self.buffer
 
     def decode(self, data: bytes | bytearray | memoryview) -> Any:
-        if len(data) > self.COPY_LIMIT:
+        size = len(data)
+        if size > self.COPY_LIMIT:
             return self._decode_large(data)
+        if size and 0x40 <= data[0] < 0x58 and size == data[0] - 0x3F:
+            return bytes(data[1:])  # a short byte string (head 0x40 + length): nothing to check
         buffer = self.buffer
         buffer.seek(0)
         buffer.truncate()
@@ -82,7 +85,8 @@ class _Reader:
         except BaseException as e:
             self.decoder.fp = buffer
             raise _malformed(e) from None
-        _check_consumed(buffer, data)
+        if buffer.tell() != size:  # _check_consumed in line: this runs for every message
+            _check_consumed(buffer, data)
         return value
 
     def _decode_large(self, data: bytes | bytearray | memoryview) -> Any:
@@ -391,6 +395,7 @@ _DATA_KIND: Final = int(FrameKind.DATA)
 _dumps: Final = cbor2.dumps
 #: byte string payloads longer than this are framed without a copy (a SplitFrame)
 _SPLIT_FROM: Final = 64 * 1024
+_LENGTH_MAX: Final = 2**32 - 1  #: what a frame's 4-byte length can say
 
 
 #: a data message's payload: strict CBOR, any hashable map keys
@@ -430,23 +435,28 @@ Frame = bytes | SplitFrame
 
 
 def encode_data_message(
-    source: int, destination: int, session: int, ptype: int, payload: object
+    source: int, destination: int, session: int, ptype: int, payload: object,
+    limit: int = _LENGTH_MAX,
 ) -> Frame:
     """A whole data frame, length prefix included, with ``payload`` encoded as CBOR
-    (:func:`encode_cbor` in line: this runs for every message sent). A large byte string
-    is not copied at all: the frame is a :class:`SplitFrame` around it."""
+    (:func:`encode_cbor` in line: this runs for every message sent); FrameTooLarge if the
+    message (header and payload) is longer than ``limit``. A large byte string is not
+    copied at all: the frame is a :class:`SplitFrame` around it."""
     if type(payload) is bytes and len(payload) > _SPLIT_FROM:
         head = _string_head(2, len(payload))
+        length = _HEADER_LENGTH + len(head) + len(payload)
+        if length > limit:
+            raise FrameTooLarge(length, limit)
         return SplitFrame(_PACK_WITH_LENGTH.pack(
-            _HEADER_LENGTH + len(head) + len(payload), _DATA_KIND, source, destination,
-            session, ptype) + head, payload)
+            length, _DATA_KIND, source, destination, session, ptype) + head, payload)
     try:
         body = _dumps(payload)
     except cbor2.CBOREncodeError:
         body = encode_cbor(payload)  # raises the TypeError that says why
-    return _PACK_WITH_LENGTH.pack(
-        _HEADER_LENGTH + len(body), _DATA_KIND, source, destination, session, ptype
-    ) + body
+    length = _HEADER_LENGTH + len(body)
+    if length > limit:
+        raise FrameTooLarge(length, limit)
+    return _PACK_WITH_LENGTH.pack(length, _DATA_KIND, source, destination, session, ptype) + body
 
 
 def decode_data_header(frame: bytes | memoryview) -> tuple[int, int, int, int]:

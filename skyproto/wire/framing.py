@@ -306,10 +306,11 @@ class FrameProtocol(Protocol):
                 if self.paused:
                     self._opened_offset = offset
                     return
-                if end - offset < _LENGTH_SIZE:
+                try:
+                    (length,) = _unpack_length(frames, offset)
+                except struct.error:  # fewer than 4 bytes left
                     self.drop("a sealed record ends inside a frame length")
                     return
-                (length,) = _unpack_length(frames, offset)
                 if length > self.MAX_LENGTH:
                     self.lengthLimitExceeded(length)
                     return
