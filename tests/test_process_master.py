@@ -103,7 +103,10 @@ async def test_registration_refusal_reuse_and_master_kill(daemons):
         await wait_for(lambda: sorted(h["id"] for h in status(port, secret)["harbors"]) ==
                        [1, 9, 255], "every node to re-register", timeout=15)
         rejoin_seconds = time.monotonic() - restarted
-        assert rejoin_seconds < 3.0, f"re-registration took {rejoin_seconds:.2f} s"
+        # Not a speed figure (benchmarks/master.py measures that): a node waiting out a
+        # long backoff would take 15 s. Each poll runs the ``skyproto status`` CLI, which
+        # takes up to a second on a loaded machine, so the bound leaves room for that.
+        assert rejoin_seconds < 6.0, f"re-registration took {rejoin_seconds:.2f} s"
         print(f"every node re-registered {rejoin_seconds:.2f} s after the restart")
         assert status(port, secret)["names"] == {"ECHO": 0x01000002, "RELAY": 0xFF000002}
 
