@@ -31,11 +31,7 @@ DEADLINE_RESOLUTION: Final = 0.05
 _AGED: Final = 0  #: after the table's default timeout: found by age (see SessionTable)
 _NEVER: Final = -1  #: not at all
 # ... and any bucket above 0 is a deadline bucket of its own (an explicit timeout).
-_DEFERRED: Final = 0
-_HARBOR: Final = 1
-_STARTED: Final = 2
-_BUCKET: Final = 3
-_TIMEOUT: Final = 4
+# The fields are read by index (entry[0] ... entry[4]): this runs for every call.
 
 #: told of every call that ends: (None, or why it failed; when it started, clock seconds)
 Finished = Callable[[BaseException | None, float], None]
