@@ -48,6 +48,20 @@ def test_oversized_send_raises_and_writes_nothing():
     assert len(transport.value()) == 14
 
 
+def test_frames_sent_together_go_in_one_write_and_none_if_one_is_too_big():
+    proto, transport = connected(max_frame=10)
+    writes = []
+    transport.write = writes.append
+    with pytest.raises(FrameTooLarge):
+        proto.send_frames([b"ok", b"x" * 11])
+    assert writes == []
+    proto.send_frames([b"one", b"two"])
+    assert writes == [b"\x00\x00\x00\x03one\x00\x00\x00\x03two"]
+    peer, _ = connected(max_frame=10)
+    peer.dataReceived(writes[0])
+    assert peer.frames == [b"one", b"two"]
+
+
 def test_oversized_receive_drops_the_connection(caplog):
     proto, transport = connected(max_frame=10)
     proto.dataReceived(b"\x00\x00\x00\x0bxxxxxxxxxxx\x00\x00\x00\x01y")

@@ -290,7 +290,13 @@ class MasterClientProtocol(FrameProtocol):
             self.send(ServicesReport(message.query, client.services_now()))
         elif isinstance(message, HarborJoined | HarborLeft | NameBound | NameUnbound |
                         GroupJoined | GroupLeft):
-            client._from(self, client._machine.event, message)
+            if self is client.current and client.state == "up":
+                # What the machine would do (a loop in "up"), without its search for the
+                # transition: automat scans all of them, over 100 here, for every input,
+                # and a joining cluster pushes every node an event per join and name.
+                client._feed(client.pushed, message)
+            else:
+                client._from(self, client._machine.event, message)
         else:
             raise ProtocolError(f"unexpected {type(message).__name__} from the master")
 
@@ -832,6 +838,11 @@ class MasterClient:
         for waiter in waiters:
             waiter.callback(protocol)
 
+    def pushed(self, event: Event) -> None:
+        """A pushed event while up: apply it, or fetch the table if it shows a gap."""
+        if not self._apply(event):
+            self._machine.gap()
+
     def _apply(self, event: Event) -> bool:
         """Apply one pushed event; False if it shows a gap (the caller fetches the table)."""
         if event.sequence <= self.sequence:
@@ -979,8 +990,7 @@ def _build_client_machine() -> Callable[[MasterClient], _ClientInputs]:
 
     @up.upon(I.event).loop()
     def event(c: _ClientInputs, s: MasterClient, event: Event) -> None:
-        if not s._apply(event):
-            c.gap()
+        s.pushed(event)
 
     @up.upon(I.gap).to(resyncing)
     def gap(c: _ClientInputs, s: MasterClient) -> None:

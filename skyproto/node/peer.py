@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import attrs
 from automat import TypeMachineBuilder
@@ -28,6 +28,9 @@ from ..interfaces import IHarborLink
 from ..wire.codec import Frame
 
 log = Logger()
+
+#: the states in which the machine acts on a dial (it ignores one in every other)
+DIALABLE_STATES: Final = frozenset({"idle", "backoff"})
 
 
 class PeerInputs(Protocol):
@@ -181,7 +184,7 @@ def _build() -> Callable[[PeerCore], PeerInputs]:
     backoff = machine.state("backoff")
     removed = machine.state("removed")
 
-    # --- dial ---------------------------------------------------------------------------
+    # --- dial (DIALABLE_STATES names the two states that act on one) ---------------------
     @idle.upon(PeerInputs.dial).to(dialing)
     @backoff.upon(PeerInputs.dial).to(dialing)
     def dial_now(inputs: PeerInputs, core: PeerCore) -> None:

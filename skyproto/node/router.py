@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,7 +32,7 @@ from ..harbor.link import HarborLink, HarborLinkFactory, LinkConfig
 from ..interfaces import IHarborLink, IMessageSink
 from ..wire.codec import Frame
 from .flow import FlowControl
-from .peer import Peer, PeerCore
+from .peer import DIALABLE_STATES, Peer, PeerCore
 from .resolver import NodeResolver
 
 #: (link it came on, source, destination, session, type, payload)
@@ -127,7 +127,9 @@ class Router:
             if known is None:
                 known = self.peers[harbor] = self._new_peer(harbor)
             known.core.endpoint = endpoint
-        if dial and not self.stopping:
+        # Asking the machine for a dial it would ignore costs a search of all its
+        # transitions (automat's way), for every harbor of every table a node is sent.
+        if dial and not self.stopping and known.core.state in DIALABLE_STATES:
             known.inputs.dial()
 
     def _check_endpoint(self, harbor: int, endpoint: str) -> None:
@@ -354,11 +356,14 @@ class Router:
         return peer
 
     def _cancel_turn(self, turn: _DialTurn) -> None:
+        # Like a dial's own Deferred, a turn ends with None whatever happens: its outcome
+        # goes to the peer's machine, so a CancelledError here would be nobody's to handle.
         if turn.attempt is not None:
             turn.attempt.cancel()
         else:
             with contextlib.suppress(ValueError):
                 self._dial_queue.remove(turn)
+            turn.waiting.callback(None)
 
     def _dial_ended(self, result: object) -> object:
         self._dials_in_progress -= 1
@@ -408,7 +413,11 @@ class Router:
             self.resolver.invalidate(core.endpoint)  # ask the mapper again next time
         peer = self.peers.get(core.harbor)
         if peer is not None and peer.core is core:
-            peer.inputs.dial_failed(failure.getErrorMessage() or type(failure.value).__name__)
+            if failure.check(TimeoutError):  # addTimeout's, whose words are "(5.0, 'Deferred')"
+                reason = f"no handshake within {self.config.handshake_timeout:g} s"
+            else:
+                reason = failure.getErrorMessage() or type(failure.value).__name__
+            peer.inputs.dial_failed(reason)
 
     def _forget_address(self, peer: Peer) -> None:
         """A link to a resolved ``name@host`` failed: ask the mapper again next time."""

@@ -111,8 +111,12 @@ class LoopbackNetwork:
     def __init__(self) -> None:
         self._listeners: dict[str, LoopbackPort] = {}
         self._refused: set[str] = set()
-        self._connections: list[LoopbackConnection] = []
+        self._connections: dict[LoopbackConnection, None] = {}  # oldest first
         self._ids = itertools.count(1)
+        # Pipes with bytes due now, flushed by one reactor call (not one call each: a
+        # process with thousands of connections would keep the reactor's heap that big).
+        self._ready: list[_Pipe] = []
+        self._ready_call: IDelayedCall | None = None
 
     @property
     def connections(self) -> tuple[LoopbackConnection, ...]:
@@ -152,11 +156,23 @@ class LoopbackNetwork:
         return next(self._ids)
 
     def _add(self, connection: LoopbackConnection) -> None:
-        self._connections.append(connection)
+        self._connections[connection] = None
 
     def _forget(self, connection: LoopbackConnection) -> None:
-        if connection in self._connections:
-            self._connections.remove(connection)
+        self._connections.pop(connection, None)
+
+    def _flush_soon(self, pipe: _Pipe, reactor: IReactorTime) -> None:
+        self._ready.append(pipe)
+        if self._ready_call is None:
+            self._ready_call = reactor.callLater(0, self._flush_ready)
+
+    def _flush_ready(self) -> None:
+        self._ready_call = None
+        ready, self._ready = self._ready, []
+        for pipe in ready:
+            if pipe._call is _DUE_NOW:  # else discarded (or flushed) since
+                pipe._call = None
+                _guarded("a loopback delivery", pipe.flush_due)
 
 
 _networks: weakref.WeakKeyDictionary[IReactorTime, LoopbackNetwork] = weakref.WeakKeyDictionary()
@@ -171,6 +187,10 @@ def network_for(reactor: IReactorTime) -> LoopbackNetwork:
     if network is None:
         network = _networks[reactor] = LoopbackNetwork()
     return network
+
+
+#: a pipe's pending flush when it is on its network's ready list
+_DUE_NOW: Final = cast(IDelayedCall, object())
 
 
 class _Pipe:
@@ -214,16 +234,25 @@ class _Pipe:
         if self._call is not None or not self._chunks or not self.can_flow():
             return
         target = self._chunks[0][0]
-        wait = max(0.0, target - self._connection.reactor.seconds())
-        self._call = self._connection.reactor.callLater(wait, self._flush, target)
+        reactor = self._connection.reactor
+        wait = target - reactor.seconds()
+        if wait <= 0:
+            self._call = _DUE_NOW
+            self._connection.network._flush_soon(self, reactor)
+        else:
+            self._call = reactor.callLater(wait, self._flush, target)
 
     def discard(self) -> None:
         """Forget everything queued and any pending flush (the connection is gone)."""
-        if self._call is not None and self._call.active():
+        if self._call is not None and self._call is not _DUE_NOW and self._call.active():
             self._call.cancel()
         self._call = None
         self._chunks.clear()
         self.queued = 0
+
+    def flush_due(self) -> None:
+        """Deliver what is due by now (the network's ready list)."""
+        self._flush(float("-inf"))
 
     def _flush(self, target: float) -> None:
         self._call = None

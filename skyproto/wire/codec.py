@@ -298,11 +298,14 @@ def _struct_checker(cls: type, structs: dict[type, Checker]) -> Checker:
     structs[cls] = lambda value: build(value)  # allows recursive types
     checkers.extend(_checker_for(f.type, structs) for f in fields)
     names = [f.name for f in fields]
+    positional = not any(f.kw_only or not f.init for f in fields)
 
     def build(value: Any) -> Any:
         if type(value) is not list or len(value) != len(checkers):
             raise ProtocolError(f"{cls.__name__} must be an array of {len(checkers)} fields")
         try:
+            if positional:
+                return cls(*[c(v) for c, v in zip(checkers, value, strict=True)])
             return cls(**{n: c(v) for n, c, v in zip(names, checkers, value, strict=True)})
         except ProtocolError:
             raise
@@ -312,10 +315,22 @@ def _struct_checker(cls: type, structs: dict[type, Checker]) -> Checker:
     return build
 
 
+#: types that encode as they are (the commonest fields: checked before anything else)
+_PLAIN: Final = frozenset({int, str, bytes, float, bool, type(None)})
+#: the field names of each attrs class met so far, in order
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _to_plain(value: Any) -> Any:
     """Turn nested attrs instances into arrays and enums into ints, for encoding."""
-    if attrs.has(type(value)):
-        return [_to_plain(getattr(value, f.name)) for f in attrs.fields(type(value))]
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    names = _FIELD_NAMES.get(kind)
+    if names is None and attrs.has(kind):
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in attrs.fields(kind))
+    if names is not None:
+        return [_to_plain(getattr(value, name)) for name in names]
     if isinstance(value, enum.IntEnum):
         return int(value)
     if isinstance(value, tuple | list):

@@ -3,7 +3,8 @@
 The owner calls :meth:`HeartbeatTimer.heard` whenever bytes arrive (not per whole frame: a
 large frame on a slow link takes longer than the timeout, yet its bytes prove the peer is
 alive), and gets ``send_beat()`` every ``interval`` and ``silent(seconds)`` once the peer has
-sent nothing for ``timeout``. One timer at a time, scheduled for whichever comes first.
+sent nothing for ``timeout``. One timer at a time, scheduled for whichever comes first, on
+the clock's :class:`~skyproto.wire.timer_grid.TimerGrid` (so at most 1/32 s late).
 
 The timer never dies: a ``send_beat`` that raises is logged and the timer goes on. Silence is
 confirmed on the next reactor turn, after waiting data has been read, so a stalled reactor
@@ -17,6 +18,8 @@ from collections.abc import Callable
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+
+from .timer_grid import timer_grid
 
 
 @attrs.frozen
@@ -48,7 +51,9 @@ class HeartbeatTimer:
         self.silent = silent
         self.last_heard = 0.0
         self._next_beat = 0.0
-        self._timer: IDelayedCall | None = None
+        self._grid = timer_grid(clock)
+        self._tick_at: int | None = None  #: the grid point of the next tick
+        self._confirming: IDelayedCall | None = None
         self._running = False
 
     @property
@@ -58,11 +63,12 @@ class HeartbeatTimer:
 
     def start(self) -> None:
         """Start beating and watching, counting from now."""
+        self._cancel()
         now = self.clock.seconds()
         self._running = True
         self.last_heard = now
         self._next_beat = now + self.interval
-        self._schedule(now)
+        self._schedule()
 
     def retime(self, timing: HeartbeatTiming) -> None:
         """Use a negotiated timing from now on (after a handshake)."""
@@ -72,7 +78,7 @@ class HeartbeatTimer:
             now = self.clock.seconds()
             self._next_beat = min(self._next_beat, now + self.interval)
             self._cancel()
-            self._schedule(now)
+            self._schedule()
 
     def heard(self) -> None:
         """Something arrived from the peer: it is alive now."""
@@ -84,18 +90,21 @@ class HeartbeatTimer:
         self._cancel()
 
     def _cancel(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        if self._tick_at is not None:
+            self._grid.cancel(self._tick_at, self._tick)
+            self._tick_at = None
+        if self._confirming is not None and self._confirming.active():
+            self._confirming.cancel()
+        self._confirming = None
 
     def _tick(self) -> None:
-        self._timer = None
+        self._tick_at = None
         if not self._running:
             return
         now = self.clock.seconds()
         if now - self.last_heard >= self.timeout:
             # Let the reactor read what is waiting before we believe the silence.
-            self._timer = self.clock.callLater(0, self._confirm_silence)
+            self._confirming = self.clock.callLater(0, self._confirm_silence)
             return
         if now >= self._next_beat:
             self._next_beat = now + self.interval
@@ -104,10 +113,10 @@ class HeartbeatTimer:
             except Exception as e:  # e.g. QueueFull: the next beat may get through
                 self.log.warn("heartbeat not sent: {error}", error=str(e))
         if self._running:
-            self._schedule(now)
+            self._schedule()
 
     def _confirm_silence(self) -> None:
-        self._timer = None
+        self._confirming = None
         if not self._running:
             return
         now = self.clock.seconds()
@@ -116,8 +125,8 @@ class HeartbeatTimer:
             self._running = False
             self.silent(quiet)
             return
-        self._schedule(now)
+        self._schedule()
 
-    def _schedule(self, now: float) -> None:
-        deadline = min(self._next_beat, self.last_heard + self.timeout)
-        self._timer = self.clock.callLater(max(0.0, deadline - now), self._tick)
+    def _schedule(self) -> None:
+        self._tick_at = self._grid.call_at(min(self._next_beat, self.last_heard + self.timeout),
+                                           self._tick)
