@@ -4,7 +4,7 @@ The owner calls :meth:`HeartbeatTimer.heard` whenever bytes arrive (not per whol
 large frame on a slow link takes longer than the timeout, yet its bytes prove the peer is
 alive), and gets ``send_beat()`` every ``interval`` and ``silent(seconds)`` once the peer has
 sent nothing for ``timeout``. One timer at a time, scheduled for whichever comes first, on
-the clock's :class:`~skyproto.wire.timer_grid.TimerGrid` (so at most 1/32 s late).
+the clock's :class:`skyproto.wire.timer_grid.TimerGrid` (so at most 1/32 s late).
 
 The timer never dies: a ``send_beat`` that raises is logged and the timer goes on. Silence is
 confirmed on the next reactor turn, after waiting data has been read, so a stalled reactor
