@@ -126,3 +126,35 @@ def test_a_thousand_heartbeat_timers_keep_a_few_dozen_reactor_calls() -> None:
     for timer in timers:
         timer.stop()
     assert clock.getDelayedCalls() == [] and timer_grid(clock).pending == 0
+
+
+class SlottedClock:
+    """A clock that takes no weak reference (``__slots__``), as a user's own might be."""
+
+    __slots__ = ("clock",)
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+
+    def seconds(self) -> float:
+        return self.clock.seconds()
+
+    def callLater(self, delay: float, f: Callable[..., object], *args: object) -> object:
+        return self.clock.callLater(delay, f, *args)
+
+    def getDelayedCalls(self) -> list[object]:
+        return list(self.clock.getDelayedCalls())
+
+
+def test_a_clock_without_weak_references_still_beats() -> None:
+    slotted = SlottedClock()
+    beats: list[float] = []
+    timer = HeartbeatTimer(slotted, 1.0, 3.0,  # type: ignore[arg-type]
+                           lambda: beats.append(slotted.seconds()), lambda quiet: None)
+    timer.start()
+    for _ in range(24):  # 3 s in steps exact in binary
+        slotted.clock.advance(0.125)
+        timer.heard()
+    assert beats == [1.0, 2.0, 3.0]
+    timer.stop()
+    assert slotted.getDelayedCalls() == []

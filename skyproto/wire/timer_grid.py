@@ -24,7 +24,10 @@ _grids: weakref.WeakKeyDictionary[IReactorTime, TimerGrid] = weakref.WeakKeyDict
 
 def timer_grid(clock: IReactorTime) -> TimerGrid:
     """The grid shared by every timer on ``clock`` (made on first use)."""
-    grid = _grids.get(clock)
+    try:
+        grid = _grids.get(clock)
+    except TypeError:  # a clock that takes no weak reference: a grid for this timer alone
+        return TimerGrid(clock)
     if grid is None:
         grid = _grids[clock] = TimerGrid(clock)
     return grid
@@ -37,7 +40,11 @@ class TimerGrid:
 
     def __init__(self, clock: IReactorTime, step: float = GRID_STEP) -> None:
         # Weak: the grid lives in a WeakKeyDictionary keyed by this clock.
-        self._clock = weakref.ref(clock)
+        self._clock: Callable[[], IReactorTime | None]
+        try:
+            self._clock = weakref.ref(clock)
+        except TypeError:
+            self._clock = lambda: clock
         self.step = step
         self._due: dict[int, dict[Callable[[], object], None]] = {}
         self._calls: dict[int, IDelayedCall] = {}
