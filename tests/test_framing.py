@@ -62,6 +62,22 @@ def test_frames_sent_together_go_in_one_write_and_none_if_one_is_too_big():
     assert peer.frames == [b"one", b"two"]
 
 
+def test_frames_written_while_the_transport_is_full_wait_joined_not_one_by_one():
+    """At 4 KiB pipelined every frame past the first waited (and, sealed, went) as a record
+    of its own once the transport was full: 3.7 requests a record instead of 14."""
+    proto, transport = connected(max_frame=1 << 20)
+    writes = []
+    transport.write = writes.append
+    proto.transport_full = True  # as the transport's producer notice sets it
+    frames = [b"\x00\x00\x10\x00" + bytes(4096) for _ in range(20)]
+    proto.write_frames(frames)
+    assert len(proto._held) == 2  # 64 KiB and the rest, not 20
+    assert proto.held_bytes == 20 * 4100 and writes == []
+    proto.transport_full = False
+    proto.transport_drained()
+    assert b"".join(writes) == b"".join(frames)
+
+
 def test_oversized_receive_drops_the_connection(caplog):
     proto, transport = connected(max_frame=10)
     proto.dataReceived(b"\x00\x00\x00\x0bxxxxxxxxxxx\x00\x00\x00\x01y")

@@ -206,21 +206,14 @@ class FrameProtocol(Protocol):
 
     def write_frames(self, frames: list[bytes], now: bool = False) -> None:
         """Write framed bytes that must go (replies made together): joined into writes of
-        up to ``WRITE_CHUNK`` bytes while the transport takes them, queued once it is full,
-        so the queue counts what really waits. ``now``: as for :meth:`write_bytes`."""
+        up to ``WRITE_CHUNK`` bytes, each one record once sealed, to the transport or to the
+        queue once it is full. ``now``: as for :meth:`write_bytes`."""
         if len(frames) == 1 and len(frames[0]) < WRITE_CHUNK:
             self.write_bytes(frames[0], True, now)
             return
         chunk: list[bytes] = []
         size = 0
-        for index, data in enumerate(frames):
-            if self.transport_full or self._held:
-                if chunk:
-                    self.write_bytes(b"".join(chunk), True, now)
-                    chunk, size = [], 0
-                for rest in frames[index:]:
-                    self.write_bytes(rest)
-                return
+        for data in frames:
             chunk.append(data)
             size += len(data)
             if size >= WRITE_CHUNK:
